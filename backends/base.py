@@ -1,0 +1,153 @@
+"""The sampler contract: `Sampler.sample(rbm, num_samples, seed=...) -> SampleSet`.
+
+Every backend subclasses `Sampler` and implements `_sample`; the base class validates the input
+once (so no backend spends time on a garbage problem), times the call, and fills the same
+`info["timing"]` keys everywhere: `preprocess_s`, `sample_s`, `postprocess_s`, `total_s`.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from qvae.rbm import RBM
+
+TIMING_KEYS = ("preprocess_s", "sample_s", "postprocess_s", "total_s")
+
+
+@dataclass
+class SampleSet:
+    """Samples of an RBM's units, their energies under that RBM, and backend facts.
+
+    `visible` (N, n_visible) and `hidden` (N, n_hidden) are {0,1} float tensors; `energy` (N,)
+    holds E(v, h). Continuous backends also set `continuous` (the unrounded state).
+    """
+
+    visible: torch.Tensor
+    hidden: torch.Tensor
+    energy: torch.Tensor
+    info: dict[str, Any] = field(default_factory=dict)
+    continuous: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.visible.shape[0]
+
+    @property
+    def states(self) -> torch.Tensor:
+        """z = [v, h], shape (N, n_visible + n_hidden)."""
+        return torch.cat([self.visible, self.hidden], dim=1)
+
+
+class Timer:
+    """Accumulates wall time per phase; `timer("sample")` is a context manager."""
+
+    def __init__(self) -> None:
+        self.seconds = {key: 0.0 for key in TIMING_KEYS}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        key = f"{phase}_s"
+        if key not in self.seconds:
+            raise ValueError(f"unknown timing phase {phase!r}; use one of {TIMING_KEYS}")
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[key] += time.perf_counter() - start
+
+
+def check_num_samples(num_samples: Any) -> int:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int):
+        raise TypeError(f"num_samples must be an int, got {type(num_samples).__name__}")
+    if num_samples <= 0:
+        raise ValueError(f"num_samples must be > 0, got {num_samples}")
+    return num_samples
+
+
+def check_seed(seed: Any) -> int | None:
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    return seed
+
+
+def check_rbm(rbm: Any) -> RBM:
+    if not isinstance(rbm, RBM):
+        raise TypeError(f"expected a qvae.RBM, got {type(rbm).__name__}")
+    rbm.validate()
+    return rbm
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch.Generator seeded with `seed`, or from fresh entropy when seed is None."""
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+class Sampler(abc.ABC):
+    """Base class of every backend.
+
+    Subclasses set `name` and `binary`, take their options as keyword arguments of `__init__`
+    (the registry reads that signature to report valid options), and implement `_sample`.
+    """
+
+    name: ClassVar[str] = ""
+    binary: ClassVar[bool] = True
+
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        """(usable here?, why not). Backends that need hardware or credentials override it."""
+        return True, ""
+
+    def sample(self, rbm: RBM, num_samples: int, *, seed: int | None = None) -> SampleSet:
+        """Draw `num_samples` states of `rbm`. The same seed gives the same samples from a fresh
+        sampler built with the same options."""
+        check_rbm(rbm)
+        check_num_samples(num_samples)
+        check_seed(seed)
+        timer = Timer()
+        with timer("total"), torch.no_grad():
+            out = self._sample(rbm, num_samples, seed=seed, timer=timer)
+        out.info["timing"] = dict(timer.seconds)
+        out.info.setdefault("backend", self.name)
+        return out
+
+    @abc.abstractmethod
+    def _sample(
+        self, rbm: RBM, num_samples: int, *, seed: int | None, timer: Timer
+    ) -> SampleSet: ...
+
+    def reset(self) -> None:
+        """Forget any persistent state (chains, adapted step sizes, caches)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Persistent state to store in a checkpoint (empty for stateless backends)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+@torch.no_grad()
+def energies(rbm: RBM, visible: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """E(v, h) under `rbm`, detached, on the samples' device and dtype."""
+    w = rbm.effective_weight().detach().to(visible.device, visible.dtype)
+    b = rbm.visible_bias.detach().to(visible.device, visible.dtype)
+    c = rbm.hidden_bias.detach().to(visible.device, visible.dtype)
+    return -(visible @ b) - (hidden @ c) - ((visible @ w) * hidden).sum(-1)
