@@ -106,6 +106,8 @@ class Sampler(abc.ABC):
 
     name: ClassVar[str] = ""
     binary: ClassVar[bool] = True
+    #: Options under which the conformance suite checks this backend (e.g. the emulator).
+    conformance_options: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
