@@ -1,0 +1,68 @@
+"""Atomic checkpoints: write to a temporary file in the same directory, fsync, then rename.
+
+A crash mid-write leaves the previous checkpoint intact; readers never see a partial file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qvae.config import Config, ConfigError, validate_config
+
+CHECKPOINT_NAME = "last.pt"
+FORMAT_VERSION = 1
+
+
+def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save({"format_version": FORMAT_VERSION, **state}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint file (or the `last.pt` inside a run directory)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no checkpoint at {path}; train first with `qvae train --out {path.parent}`"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path} is not a qvae checkpoint (format {FORMAT_VERSION})")
+    return state
+
+
+def config_of(state: dict[str, Any]) -> Config:
+    return validate_config(state["config"])
+
+
+def check_compatible(saved: Config, requested: Config) -> None:
+    """Resuming needs the same model shape and data; training length etc. may change."""
+    diffs = []
+    for section in ("model", "data"):
+        old, new = getattr(saved, section).model_dump(), getattr(requested, section).model_dump()
+        diffs += [f"{section}.{k}: checkpoint {old[k]!r} vs config {new[k]!r}"
+                  for k in old if old[k] != new[k]]
+    if diffs:
+        raise ConfigError(
+            "cannot resume: the checkpoint was trained with a different model/data config:\n  "
+            + "\n  ".join(diffs)
+            + "\nresume without --config (the checkpoint's config is used), or start a new --out"
+        )
