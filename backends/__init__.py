@@ -7,7 +7,7 @@
 ((5, 6), (5, 4), (5,))
 """
 
-from backends.base import SampleSet, Sampler
+from backends.base import Sampler, SampleSet
 from backends.registry import availability, available, get_sampler, register, registered
 
 __all__ = [

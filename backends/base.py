@@ -132,14 +132,14 @@ class Sampler(abc.ABC):
         self, rbm: RBM, num_samples: int, *, seed: int | None, timer: Timer
     ) -> SampleSet: ...
 
-    def reset(self) -> None:
+    def reset(self) -> None:  # noqa: B027 - optional hook, stateless backends keep the default
         """Forget any persistent state (chains, adapted step sizes, caches)."""
 
     def state_dict(self) -> dict[str, Any]:
         """Persistent state to store in a checkpoint (empty for stateless backends)."""
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
         """Restore what `state_dict` returned."""
 
     def __repr__(self) -> str:

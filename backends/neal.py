@@ -71,7 +71,8 @@ class NealSampler(Sampler):
             order = [result.variables.index(i) for i in range(rbm.n_units)]
             states = torch.from_numpy(np.ascontiguousarray(result.record.sample[:, order]))
             states = states.to(rbm.weight.device, rbm.weight.dtype)
-            energy = torch.from_numpy(np.ascontiguousarray(result.record.energy)).to(rbm.weight.dtype)
+            energy = torch.from_numpy(np.ascontiguousarray(result.record.energy))
+            energy = energy.to(rbm.weight.dtype)
         nv = rbm.n_visible
         info = {"mode": self.mode, "beta": self.beta, "num_sweeps": self.num_sweeps}
         return SampleSet(states[:, :nv], states[:, nv:], energy.to(rbm.weight.device), info)

@@ -98,7 +98,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             cfg = load_config(args.config, overrides)
     else:
         cfg = load_config(args.config, overrides)
-    out = args.out or Path("runs") / f"{cfg.name}-{cfg.backend.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = args.out or Path("runs") / f"{cfg.name}-{cfg.backend.name}-{stamp}"
     result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
     if result.interrupted:
         print(f"\ninterrupted at step {result.step}; checkpoint saved. Continue with:\n"

@@ -33,7 +33,9 @@ class ModelConfig(Strict):
     n_hidden: int = Field(100, ge=1, le=4096, description="RBM hidden units (latent part 2)")
     encoder_hidden: list[int] = Field([200, 200], description="encoder MLP hidden widths")
     decoder_hidden: list[int] = Field([200, 200], description="decoder MLP hidden widths")
-    activation: Literal["tanh", "relu", "elu", "leaky_relu"] = "tanh"
+    activation: Literal["tanh", "relu", "elu", "leaky_relu"] = Field(
+        "tanh", description="MLP nonlinearity: tanh, relu, elu, leaky_relu"
+    )
     rbm_init_std: float = Field(0.01, ge=0, le=10, description="initial RBM coupling std")
 
     @field_validator("encoder_hidden", "decoder_hidden")
@@ -67,7 +69,9 @@ class BackendConfig(Strict):
 class TrainConfig(Strict):
     steps: int = Field(1000, ge=1, description="optimizer steps in total")
     lr: float = Field(3e-3, gt=0, le=1, description="Adam learning rate")
-    lr_schedule: Literal["constant", "cosine", "exponential"] = "cosine"
+    lr_schedule: Literal["constant", "cosine", "exponential"] = Field(
+        "cosine", description="lr from train.lr to train.lr_final: constant, cosine, exponential"
+    )
     lr_final: float = Field(1e-4, ge=0, description="learning rate at the last step")
     kl_warmup_steps: int = Field(0, ge=0, description="steps over which the KL weight rises 0→1")
     tau_start: float = Field(1.0, gt=0, le=10, description="relaxation temperature at step 0")
@@ -81,10 +85,12 @@ class TrainConfig(Strict):
 
 class EvalConfig(Strict):
     at_end: bool = Field(True, description="evaluate the test set when training ends")
-    split: Literal["valid", "test"] = "test"
+    split: Literal["valid", "test"] = Field("test", description="split evaluated: valid, test")
     num_iw: int = Field(1000, ge=1, le=5000, description="K of the importance-weighted NLL")
     max_examples: int | None = Field(None, ge=1, description="evaluate only the first N")
-    logz: Literal["auto", "exact", "ais"] = Field("auto", description="how to get log Z")
+    logz: Literal["auto", "exact", "ais"] = Field(
+        "auto", description="log Z: exact, ais, or auto (exact when the smaller layer is small)"
+    )
     exact_limit_units: int = Field(20, ge=1, le=24, description="auto: exact up to this layer")
     ais_betas: int = Field(10000, ge=10, description="AIS intermediate temperatures")
     ais_runs: int = Field(100, ge=2, description="AIS independent runs")

@@ -234,9 +234,10 @@ class RBM(nn.Module):
         hi = {lab: j for j, lab in enumerate(hidden)}
         missing = set(bqm.variables) - set(vi) - set(hi)
         if missing or set(vi) & set(hi):
+            both = sorted(map(str, set(vi) & set(hi)))[:5]
             raise ValueError(
-                f"visible and hidden must partition the BQM's variables; unassigned: "
-                f"{sorted(map(str, missing))[:5]}, in both: {sorted(map(str, set(vi) & set(hi)))[:5]}"
+                "visible and hidden must partition the BQM's variables; unassigned: "
+                f"{sorted(map(str, missing))[:5]}, in both: {both}"
             )
         rbm = cls(len(visible), len(hidden), init_std=0.0, dtype=torch.float64)
         w = torch.zeros(len(visible), len(hidden), dtype=torch.float64)

@@ -28,7 +28,6 @@ from qvae.config import Config
 from qvae.datasets import load_dataset
 from qvae.dvae import DVAE
 
-
 #: Below this many units in the smaller RBM layer, log Z is exact and cheap: log the true ELBO.
 CHEAP_LOGZ_UNITS = 16
 
