@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from backends.base import Sampler, SampleSet, Timer, energies, make_generator
-from qvae.rbm import RBM
+from qvae.rbm import RBM, states_from_index
 
 
 class ExactSampler(Sampler):
@@ -38,7 +38,7 @@ class ExactSampler(Sampler):
             gen = make_generator(seed)
             u = torch.rand(num_samples, generator=gen, dtype=torch.float64) * cdf[-1]
             idx = torch.searchsorted(cdf, u).clamp_(max=cdf.numel() - 1)
-            small = ((idx.unsqueeze(1) >> torch.arange(n_small)) & 1).to(torch.float64)
+            small = states_from_index(idx, n_small, torch.float64)
             if rbm.n_hidden <= rbm.n_visible:
                 hidden = small
                 visible = torch.bernoulli(model.p_v_given_h(hidden), generator=gen)

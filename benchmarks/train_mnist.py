@@ -49,7 +49,10 @@ def main() -> None:
     p.add_argument("--run-dir", type=Path, default=ROOT / "runs/bench-mnist")
     p.add_argument("--resume", action="store_true", help="continue --run-dir")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/train_mnist.json")
+    p.add_argument("--threads", type=int, help="torch threads (1 is as fast here: small matmuls)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     overrides = [f"backend.name={args.backend}", *args.overrides]
     rate = None

@@ -26,11 +26,15 @@ from torch import nn
 MAX_ENUMERATION_STATES = 2**24
 
 
+def states_from_index(idx: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """The binary states numbered `idx` (int64): bit i of the index is unit i."""
+    bits = torch.arange(n, dtype=torch.int64, device=idx.device)
+    return ((idx.unsqueeze(1) >> bits) & 1).to(dtype)
+
+
 def enumerate_states(n: int, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
     """Rows `start..stop-1` of the 2^n binary states, bit i of the index is unit i."""
-    idx = torch.arange(start, stop, dtype=torch.int64)
-    bits = torch.arange(n, dtype=torch.int64)
-    return ((idx.unsqueeze(1) >> bits) & 1).to(dtype)
+    return states_from_index(torch.arange(start, stop, dtype=torch.int64), n, dtype)
 
 
 class RBM(nn.Module):

@@ -169,3 +169,25 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert state["step"] == 6
     chains = [s["hidden"] for s in state["sampler_states"]]
     assert len(chains) == 2 and not torch.equal(chains[0], chains[1])  # each rank its own
+
+
+def test_ctrl_c_writes_a_checkpoint_and_says_how_to_resume(tmp_path):
+    import signal
+    import time
+
+    sets = [a for s in [*TINY, "train.steps=100000", "train.log_every=1"] for a in ("--set", s)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qvae", "train", "--config", str(ROOT / "configs/smoke.yaml"),
+         "--out", str(tmp_path), "--no-progress", *sets],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 120
+    while not (tmp_path / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "--resume" in err
+    step = checkpoint.load(tmp_path)["step"]
+    assert 0 < step < 100000
