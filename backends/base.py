@@ -132,6 +132,11 @@ class Sampler(abc.ABC):
         self, rbm: RBM, num_samples: int, *, seed: int | None, timer: Timer
     ) -> SampleSet: ...
 
+    def connectivity_mask(self, n_visible: int, n_hidden: int) -> torch.Tensor | None:
+        """The couplings this backend can realise, as an (n_visible, n_hidden) 0/1 mask, or None
+        when any dense RBM works. A trainer builds its RBM with this mask (e.g. native QPU)."""
+        return None
+
     def reset(self) -> None:  # noqa: B027 - optional hook, stateless backends keep the default
         """Forget any persistent state (chains, adapted step sizes, caches)."""
 

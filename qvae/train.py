@@ -101,7 +101,9 @@ def batch_at(data: torch.Tensor, cfg: Config, step: int, ctx: Dist) -> torch.Ten
     return data[rows[ctx.rank :: ctx.world]]
 
 
-def build_model(cfg: Config, pixel_mean: torch.Tensor | None = None) -> DVAE:
+def build_model(
+    cfg: Config, pixel_mean: torch.Tensor | None = None, mask: torch.Tensor | None = None
+) -> DVAE:
     m = cfg.model
     return DVAE(
         n_pixels=int(pixel_mean.numel()) if pixel_mean is not None else 784,
@@ -111,6 +113,7 @@ def build_model(cfg: Config, pixel_mean: torch.Tensor | None = None) -> DVAE:
         decoder_hidden=tuple(m.decoder_hidden),
         activation=m.activation,
         rbm_init_std=m.rbm_init_std,
+        rbm_mask=mask,
         pixel_mean=pixel_mean,
         seed=cfg.seed,
     )
@@ -142,8 +145,9 @@ def train(
     ctx = init_distributed(cfg.device)
     device = torch.device(cfg.device)
     data = load_dataset(cfg.data.dataset, "train").to(device)
-    model = build_model(cfg, pixel_mean=data.mean(0)).to(device)
     sampler = backends.get_sampler(cfg.backend.name, **cfg.backend.options)
+    mask = sampler.connectivity_mask(cfg.model.n_visible, cfg.model.n_hidden)
+    model = build_model(cfg, pixel_mean=data.mean(0), mask=mask).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
     start = 0
@@ -198,6 +202,7 @@ def train(
     bar = _progress(start, cfg.train.steps, enabled=progress and ctx.main)
     gen = torch.Generator(device=device)
     sampler_seconds = 0.0
+    fallbacks = 0
     step = start
     interrupted = False
     try:
@@ -212,6 +217,7 @@ def train(
                 model.prior, cfg.backend.num_samples, seed=step_seed(cfg.seed + 1, ctx.rank, step)
             )
             sampler_seconds += neg.info["timing"]["total_s"]
+            fallbacks += bool(neg.info.get("fallback"))
 
             loss, metrics = net(
                 x, neg.states.to(device), tau=tau, kl_weight=kl_w,
@@ -227,7 +233,8 @@ def train(
 
             row = {"step": step, "tau": tau, "kl_weight": kl_w,
                    "lr": optimizer.param_groups[0]["lr"], "step_s": time.perf_counter() - t0,
-                   "sampler_s_total": sampler_seconds, **metrics}
+                   "sampler_s_total": sampler_seconds, "fallbacks": fallbacks, **metrics,
+                   **backend_scalars(neg.info)}
             if ctx.main:
                 log_now = step % cfg.train.log_every == 0 or step == cfg.train.steps
                 if log_now and min(cfg.model.n_visible, cfg.model.n_hidden) <= CHEAP_LOGZ_UNITS:
@@ -237,6 +244,8 @@ def train(
                     shown = {"elbo": f"{row['elbo_relaxed']:.1f}"}
                 else:  # log Z too costly every step: show the bound without it
                     shown = {"elbo+logZ": f"{metrics['bound_minus_logz']:.1f}"}
+                if fallbacks:
+                    shown["fallbacks"] = str(fallbacks)
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.1f}", **shown,
                                 sampler=f"{sampler_seconds:.0f}s", refresh=False)
@@ -267,6 +276,12 @@ def train(
         result.evaluation = evaluate_model(model, cfg, out_dir / "eval.json", progress=progress)
         result.files["eval"] = str(out_dir / "eval.json")
     return result
+
+
+def backend_scalars(info: dict[str, Any]) -> dict[str, float]:
+    """The backend's numeric facts (β_eff, acceptance, chain breaks, ...) as `backend/KEY`."""
+    return {f"backend/{k}": float(v) for k, v in info.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _truncate_jsonl(path: Path, after_step: int) -> None:
