@@ -53,6 +53,29 @@ def config_of(state: dict[str, Any]) -> Config:
     return validate_config(state["config"])
 
 
+#: model.kind -> "module:Class"
+MODEL_CLASSES = {"dvae": "qvae.dvae:DVAE", "sde": "qvae.sde:SDEVAE"}
+
+
+def model_class(kind: str) -> type:
+    import importlib
+
+    if kind not in MODEL_CLASSES:
+        raise ValueError(f"unknown model kind {kind!r}; choose one of {sorted(MODEL_CLASSES)}")
+    module, name = MODEL_CLASSES[kind].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_model(path: str | Path) -> tuple[torch.nn.Module, Config, dict[str, Any]]:
+    """Rebuild the trained model of a checkpoint (eval mode) with its config."""
+    state = load(path)
+    cfg = config_of(state)
+    model = model_class(cfg.model.kind)(**state["model_args"])
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model, cfg, state
+
+
 def check_compatible(saved: Config, requested: Config) -> None:
     """Resuming needs the same model shape and data; training length etc. may change."""
     diffs = []

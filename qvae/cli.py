@@ -17,6 +17,7 @@ EPILOG = """examples:
   qvae train --out runs/my-run --resume                  # continue an interrupted run
   qvae evaluate runs/my-run --num-iw 5000                # test NLL with K = 5000
   qvae sample runs/my-run --backend gibbs -n 64 --out grid.png
+  qvae compare runs/my-run --backends exact,gibbs,neal -n 2000 --out cmp
   qvae backends                                          # what can sample here, and why not
   qvae config                                            # every config key, default and meaning
 """
@@ -66,6 +67,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("-n", "--num-samples", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG to write")
+
+    m = sub.add_parser("compare", help="compare backends on a checkpoint's prior: speed, "
+                       "energies, moments, TV, fitted β, plots")
+    m.add_argument("checkpoint", type=Path, help="run directory or .pt checkpoint")
+    m.add_argument("--backends", default="exact,gibbs,neal",
+                   help="comma-separated backends (default: exact,gibbs,neal); exact needs a "
+                   "small RBM")
+    m.add_argument("-n", "--num-samples", type=int, default=1000)
+    m.add_argument("--option", action="append", default=[], metavar="BACKEND.KEY=VALUE",
+                   help="backend option, e.g. --option gibbs.num_sweeps=50 (repeatable)")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--grid", type=int, default=36, help="decoded samples per backend grid")
+    m.add_argument("--out", type=Path, default=Path("compare"), help="output directory")
 
     sub.add_parser("backends", help="list sampler backends, whether they run here, and options")
 
@@ -119,13 +133,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _load_model(path: Path):
     from qvae import checkpoint
-    from qvae.dvae import DVAE
 
-    state = checkpoint.load(path)
-    model = DVAE(**state["model_args"])
-    model.load_state_dict(state["model"])
-    model.eval()
-    return model, checkpoint.config_of(state), state
+    return checkpoint.load_model(path)
+
+
+def _parse_options(items: list[str], flag: str) -> dict:
+    import yaml
+
+    options = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"qvae: {flag} expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        options[key.strip()] = yaml.safe_load(value)
+    return options
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -146,22 +167,44 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import yaml
-
     import backends
     from qvae.report import decoded_prior_samples, save_image_grid
 
     model, _, _ = _load_model(args.checkpoint)
-    options = {}
-    for item in args.option:
-        if "=" not in item:
-            raise SystemExit(f"qvae sample: --option expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        options[key] = yaml.safe_load(value)
-    sampler = backends.get_sampler(args.backend, **options)
+    sampler = backends.get_sampler(args.backend, **_parse_options(args.option, "--option"))
     images = decoded_prior_samples(model, sampler, args.num_samples, args.seed)
     save_image_grid(images, args.out, title=f"decoded prior samples ({args.backend})")
     print(f"wrote {args.out} ({args.num_samples} samples from {args.backend!r})")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from qvae.compare import compare_backends, table
+    from qvae.report import decode, plot_energy_histograms, plot_mean_scatter, save_image_grid
+
+    model, _, _ = _load_model(args.checkpoint)
+    names = [n.strip() for n in args.backends.split(",") if n.strip()]
+    options: dict[str, dict] = {}
+    for key, value in _parse_options(args.option, "--option").items():
+        if "." not in key:
+            raise SystemExit(f"qvae compare: --option needs BACKEND.KEY=VALUE, got {key!r}")
+        backend, opt = key.split(".", 1)
+        options.setdefault(backend, {})[opt] = value
+    result = compare_backends(model.prior, names, num_samples=args.num_samples, options=options,
+                              seed=args.seed, progress=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    samples = result.pop("_samples")
+    files = {"energy_histograms": plot_energy_histograms(result, args.out / "energies.png"),
+             "mean_scatter": plot_mean_scatter(result, args.out / "means.png")}
+    for name, out in samples.items():
+        images = decode(model, out)[: args.grid]
+        files[f"grid_{name}"] = save_image_grid(images, args.out / f"samples_{name}.png",
+                                                title=f"decoded prior samples ({name})")
+    (args.out / "compare.json").write_text(json.dumps(result, indent=2))
+    print(table(result))
+    print(f"wrote {args.out / 'compare.json'}")
+    for name, path in files.items():
+        print(f"  {name:18s} {path}")
     return 0
 
 
@@ -187,7 +230,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample,
-            "backends": cmd_backends, "config": cmd_config}
+            "compare": cmd_compare, "backends": cmd_backends, "config": cmd_config}
 
 
 def main(argv: list[str] | None = None) -> int:
