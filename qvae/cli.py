@@ -124,9 +124,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"  {name:15s} {path}")
     if result.evaluation:
         ev = result.evaluation
+        logz = (f"log Z {ev['method']} {ev['log_z']:.2f} ± {ev['log_z_std']:.2f}"
+                if ev["log_z"] is not None else ev["method"])
         print(f"  test ELBO {ev['elbo']:.2f} nats, NLL {ev['nll']:.2f} ± "
               f"{ev['nll_stderr_examples']:.2f} (K={ev['num_iw']}, {ev['num_examples']} examples, "
-              f"log Z {ev['method']} {ev['log_z']:.2f} ± {ev['log_z_std']:.2f})")
+              f"{logz})")
     print(f"next: qvae evaluate {out} --num-iw 5000   |   qvae sample {out} --backend neal")
     return 0
 

@@ -28,7 +28,9 @@ class DataConfig(Strict):
 
 
 class ModelConfig(Strict):
-    kind: Literal["dvae"] = Field("dvae", description="model family")
+    kind: Literal["dvae", "sde"] = Field(
+        "dvae", description="dvae (RBM prior on z=[v,h]) or sde (Langevin prior path, Girsanov)"
+    )
     n_visible: int = Field(100, ge=1, le=4096, description="RBM visible units (latent part 1)")
     n_hidden: int = Field(100, ge=1, le=4096, description="RBM hidden units (latent part 2)")
     encoder_hidden: list[int] = Field([200, 200], description="encoder MLP hidden widths")
@@ -37,8 +39,11 @@ class ModelConfig(Strict):
         "tanh", description="MLP nonlinearity: tanh, relu, elu, leaky_relu"
     )
     rbm_init_std: float = Field(0.01, ge=0, le=10, description="initial RBM coupling std")
+    control_hidden: list[int] = Field([200], description="sde: control network hidden widths")
+    sde_steps: int = Field(20, ge=1, le=10_000, description="sde: Euler–Maruyama steps")
+    sde_horizon: float = Field(1.0, gt=0, le=1000, description="sde: time horizon T")
 
-    @field_validator("encoder_hidden", "decoder_hidden")
+    @field_validator("encoder_hidden", "decoder_hidden", "control_hidden")
     @classmethod
     def _positive_widths(cls, widths: list[int]) -> list[int]:
         if any(w < 1 for w in widths):

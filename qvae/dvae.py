@@ -73,6 +73,9 @@ class DVAE(nn.Module):
     torch.Size([4])
     """
 
+    #: The prior enters through log Z, whose gradient needs samples from a backend.
+    needs_negative_phase = True
+
     def __init__(
         self,
         n_pixels: int = 784,

@@ -67,10 +67,9 @@ def save_image_grid(images: torch.Tensor, out: Path, *, title: str = "") -> Path
 
 @torch.no_grad()
 def decode(model: torch.nn.Module, out: SampleSet) -> torch.Tensor:
-    """Pixel probabilities for binary prior samples: the DVAE decodes z = [v, h], the SDE-VAE
-    (whose latent is the visible layer) decodes v."""
-    z = out.states if model.n_latent == out.states.shape[1] else out.visible
-    return model.generate(z.to(next(model.parameters()).device))
+    """Pixel probabilities for binary prior samples z = [v, h] (the DVAE decodes all of z; the
+    SDE-VAE, whose latent is the visible layer, keeps v: one-step generation)."""
+    return model.generate(out.states.to(next(model.parameters()).device))
 
 
 def decoded_prior_samples(model: DVAE, sampler: Sampler, n: int, seed: int) -> torch.Tensor:
