@@ -17,6 +17,34 @@ from qvae.rbm import RBM
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
+#: Uniforms for up to this many bytes are drawn in one go (several sweeps' worth when they fit).
+BLOCK_BYTES = 4 << 20
+
+# IEEE layouts: (same-size integer type, mantissa mask, bits of 1.0, half a grid step 2^-(m+1)).
+_FLOAT_BITS = {
+    torch.float32: (torch.int32, (1 << 23) - 1, 0x3F800000, 2.0**-24),
+    torch.float64: (torch.int64, (1 << 52) - 1, 0x3FF0000000000000, 2.0**-53),
+}
+
+
+def draw_uniforms(bits: torch.Tensor, uniforms: torch.Tensor, generator: torch.Generator) -> None:
+    """Fill `uniforms`, a float32/64 view of the int64 tensor `bits`, with U(0, 1) draws.
+
+    Raw 64-bit words from `generator` (about 1.7x faster than `uniform_` on CPU) go into the
+    mantissa of 1.0, giving a float in [1, 2) on a 2^-m grid (m = 23 or 52); subtracting
+    1 - 2^-(m+1), exactly, leaves u = (k + 1/2) 2^-m. So P(u < p) is p rounded to the nearest
+    multiple of 2^-m: off by at most 2^-(m+1), the same bound as comparing with `torch.rand`
+    (24-bit float32 uniforms). Other float types use `uniform_`.
+    """
+    layout = _FLOAT_BITS.get(uniforms.dtype)
+    if layout is None:
+        uniforms.uniform_(generator=generator)
+        return
+    int_dtype, mantissa, one, half_step = layout
+    bits.random_(-(2**63), None, generator=generator)  # every bit uniform
+    bits.view(int_dtype).bitwise_and_(mantissa).bitwise_or_(one)
+    uniforms.sub_(1.0 - half_step)
+
 
 def gibbs_sweeps(
     h: torch.Tensor,
@@ -25,17 +53,40 @@ def gibbs_sweeps(
     hidden_bias: torch.Tensor,
     num_sweeps: int,
     generator: torch.Generator,
+    *,
+    block_bytes: int = BLOCK_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run `num_sweeps` block-Gibbs sweeps from hidden state `h`; return the last (v, h).
 
-    The kernel: a plain function of tensors (β already folded into the parameters).
+    The kernel: a plain function of tensors (β already folded into the parameters), on any
+    device. A sweep sets v = [u < σ(b + h Wᵀ)] then h = [u' < σ(c + v W)] with fresh uniforms,
+    i.e. exactly Bernoulli(σ(·)) draws. For speed every buffer is allocated once per call and
+    written with `out=` / in place, the matmuls run on the {0,1} float state, and the uniforms
+    for several sweeps (up to `block_bytes`) are drawn at once by `draw_uniforms`. `h` is left
+    untouched; the returned (v, h) are new tensors.
     """
-    n, nv = h.shape[0], weight.shape[0]
-    v = h.new_empty(n, nv)
-    for _ in range(num_sweeps):
-        v = torch.bernoulli(torch.sigmoid(torch.addmm(visible_bias, h, weight.T)), generator=generator)
-        h = torch.bernoulli(torch.sigmoid(torch.addmm(hidden_bias, v, weight)), generator=generator)
-    return v, h
+    if isinstance(num_sweeps, bool) or not isinstance(num_sweeps, int) or num_sweeps < 1:
+        raise ValueError(f"num_sweeps must be an int >= 1, got {num_sweeps!r}")
+    n, nh = h.shape
+    nv = weight.shape[0]
+    per_sweep, itemsize = n * (nv + nh), h.element_size()
+    block = max(1, min(num_sweeps, block_bytes // max(1, per_sweep * itemsize)))
+    bits = torch.empty(-(-block * per_sweep * itemsize // 8), dtype=torch.int64, device=h.device)
+    uniforms = bits.view(h.dtype)[: block * per_sweep].view(block, per_sweep)
+    u_v = uniforms[:, : n * nv].unflatten(1, (n, nv))  # each [i] contiguous
+    u_h = uniforms[:, n * nv :].unflatten(1, (n, nh))
+    v, h_out = h.new_empty(n, nv), h.new_empty(n, nh)
+    pre_v, pre_h = h.new_empty(n, nv), h.new_empty(n, nh)
+    weight_t = weight.T  # a view: BLAS takes the transpose as is
+    for start in range(0, num_sweeps, block):
+        draw_uniforms(bits, uniforms, generator)
+        for i in range(min(block, num_sweeps - start)):
+            torch.addmm(visible_bias, h, weight_t, out=pre_v)
+            torch.lt(u_v[i], pre_v.sigmoid_(), out=v)
+            torch.addmm(hidden_bias, v, weight, out=pre_h)
+            torch.lt(u_h[i], pre_h.sigmoid_(), out=h_out)
+            h = h_out
+    return v, h_out
 
 
 class GibbsSampler(Sampler):
