@@ -17,6 +17,7 @@ _REGISTRY: dict[str, str] = {
     "exact": "backends.exact:ExactSampler",
     "gibbs": "backends.gibbs:GibbsSampler",
     "neal": "backends.neal:NealSampler",
+    "dwave": "backends.dwave:DWaveBackend",
 }
 
 
