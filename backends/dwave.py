@@ -45,12 +45,14 @@ from backends.dwave_temperature import (
     program_problem,
     programmed_beta,
 )
+from backends.neal import SEED_LIMIT
 from qvae.rbm import RBM
 
 __all__ = ["DWaveBackend", "QPUBudgetExceeded", "QPUFallbackWarning", "native_rbm_mask",
            "qpu_status"]
 
 MODES = ("embedded", "native")
+EMULATOR_SAMPLERS = ("thermal", "simulated_annealing")
 TOPOLOGIES = {"pegasus": lambda m: [m], "zephyr": lambda m: [m, 4], "chimera": lambda m: [m, m, 4]}
 DEFAULT_SHAPE = {"pegasus": 6, "zephyr": 4, "chimera": 16}
 BETA_GUESS, BETA_PRIOR_REL_SE = 5.0, 0.3  # calibration prior: typical QPU β_eff is 5–8
@@ -134,6 +136,7 @@ class DWaveBackend(Sampler):
         topology_shape: int | list[int] | None = None,
         emulated_beta: float = 6.0,
         emulator_sweeps: int = 50,
+        emulator_sampler: str = "thermal",
     ) -> None:
         if not (solver is None or isinstance(solver, (str, dict))):
             raise ValueError(f"solver must be None, a name, a features dict or 'emulator', "
@@ -142,6 +145,9 @@ class DWaveBackend(Sampler):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if on_budget not in ("fallback", "stop"):
             raise ValueError(f"on_budget must be 'fallback' or 'stop', got {on_budget!r}")
+        if emulator_sampler not in EMULATOR_SAMPLERS:
+            raise ValueError(f"emulator_sampler must be one of {EMULATOR_SAMPLERS}, "
+                             f"got {emulator_sampler!r}")
         if topology not in TOPOLOGIES:
             raise ValueError(f"topology must be one of {sorted(TOPOLOGIES)}, got {topology!r}")
         for key, val in (("chain_strength", chain_strength), ("beta_eff", beta_eff),
@@ -178,7 +184,7 @@ class DWaveBackend(Sampler):
         self.max_retries, self.retry_backoff_s = max_retries, float(retry_backoff_s)
         self.fallback_options = dict(fallback_options or {})
         self.topology, self.emulated_beta = topology, float(emulated_beta)
-        self.emulator_sweeps = emulator_sweeps
+        self.emulator_sweeps, self.emulator_sampler = emulator_sweeps, emulator_sampler
         self._qpu: Any = None
         self._graph: Any = None
         self._solver_id = ""
@@ -211,6 +217,22 @@ class DWaveBackend(Sampler):
             raise RuntimeError(f"no D-Wave solver: {self._latched}")
         return self._graph
 
+    def _substitute(self) -> dict[str, Any]:
+        """The emulator's thermal sampler at `emulated_beta` (see `emulator_sampler`)."""
+        if self.emulator_sampler == "simulated_annealing":
+            # dwave-samplers SA at fixed β with Gibbs acceptance: exact without chains (native
+            # mode); single-spin moves cannot flip strong chains, so embedded mode mixes poorly.
+            from dwave.samplers import SimulatedAnnealingSampler
+
+            beta = (self.emulated_beta, self.emulated_beta)
+            return {"substitute_sampler": SimulatedAnnealingSampler(),
+                    "substitute_kwargs": {"beta_range": beta, "beta_schedule_type": "linear",
+                                          "proposal_acceptance_criteria": "Gibbs",
+                                          "num_sweeps": self.emulator_sweeps}}
+        return {"substitute_sampler": ThermalIsingSampler(),
+                "substitute_kwargs": {"beta": self.emulated_beta,
+                                      "num_sweeps": self.emulator_sweeps}}
+
     def _connect(self) -> bool:
         """Build the QPU (or emulator) sampler; on failure warn/raise and latch the fallback."""
         if self._latched is not None:
@@ -223,9 +245,7 @@ class DWaveBackend(Sampler):
 
                 qpu = MockDWaveSampler(
                     topology_type=self.topology, topology_shape=self.topology_shape,
-                    parameter_warnings=False, substitute_sampler=ThermalIsingSampler(),
-                    substitute_kwargs={"beta": self.emulated_beta,
-                                       "num_sweeps": self.emulator_sweeps})
+                    parameter_warnings=False, **self._substitute())
                 qpu.parameters["seed"] = []  # reproducible emulator runs
                 self._solver_id = f"emulator-{self.topology}-" + "x".join(
                     map(str, self.topology_shape))
@@ -401,7 +421,7 @@ class DWaveBackend(Sampler):
                     program["h"] * gauge, (program["rows"], program["cols"], j), 0.0,
                     dimod.SPIN, variable_order=labels)
                 if self.emulated:
-                    params["seed"] = int(rng.integers(2**32))
+                    params["seed"] = int(rng.integers(SEED_LIMIT))
             with timer("sample"):
                 result = self._call(bqm, size, params, info)
             with timer("postprocess"):
@@ -503,8 +523,6 @@ class DWaveBackend(Sampler):
 
             self._fallback = get_sampler("neal", **self.fallback_options)
         self.fallbacks += 1
-        if seed is None:  # neal's own None-seed path can draw seeds >= 2**31, which SA rejects
-            seed = int(np.random.default_rng().integers(2**31))
         with timer("sample"):
             out = self._fallback.sample(rbm, num_samples, seed=seed)
         inner = out.info.pop("timing", None)
@@ -519,6 +537,16 @@ class DWaveBackend(Sampler):
         self.beta, self._beta_information = self.beta_eff_option, 0.0
         self._latched = None
         self.calls = 0
+
+    def connectivity_mask(self, n_visible: int, n_hidden: int) -> torch.Tensor | None:
+        """Native mode: the QPU-shaped couplings a trainer must give its RBM (and the qubits
+        they sit on become this sampler's mapping). Embedded mode: None (any dense RBM)."""
+        if self.mode != "native":
+            return None
+        mask, visible, hidden = native_rbm_mask(self, n_visible, n_hidden)
+        if self.native_qubits is None:
+            self.native_qubits = (visible, hidden)
+        return mask
 
     def state_dict(self) -> dict[str, Any]:
         return {"beta_eff": self.beta, "beta_information": self._beta_information,

@@ -17,6 +17,8 @@ from backends.base import Sampler, SampleSet, Timer, make_generator
 from qvae.rbm import RBM
 
 MODES = ("boltzmann", "anneal")
+#: dwave-samplers accepts seeds below 2**31 only (whatever its error message says).
+SEED_LIMIT = 2**31
 
 
 class NealSampler(Sampler):
@@ -50,8 +52,8 @@ class NealSampler(Sampler):
     def _sample(self, rbm: RBM, num_samples: int, *, seed: int | None, timer: Timer) -> SampleSet:
         with timer("preprocess"):
             bqm = rbm.to_bqm()
-            if seed is None:  # dwave-samplers wants a uint32 seed; derive one from torch entropy
-                seed = int(torch.randint(0, 2**32 - 1, (1,), generator=make_generator(None)))
+            if seed is None:  # derive a seed from fresh entropy: dwave-samplers needs one < 2**31
+                seed = int(torch.randint(0, SEED_LIMIT, (1,), generator=make_generator(None)))
             if self.mode == "boltzmann":
                 schedule = {"beta_range": (self.beta, self.beta), "beta_schedule_type": "linear"}
             else:
@@ -64,7 +66,7 @@ class NealSampler(Sampler):
                 num_sweeps=self.num_sweeps,
                 proposal_acceptance_criteria="Gibbs",
                 randomize_order=self.randomize_order,
-                seed=seed % 2**32,
+                seed=seed % SEED_LIMIT,
                 **schedule,
             )
         with timer("postprocess"):

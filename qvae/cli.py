@@ -217,6 +217,9 @@ def cmd_backends(_: argparse.Namespace) -> int:
     for name, (ok, reason) in availability().items():
         detail = ", ".join(option_names(name)) if ok else reason
         print(f"{name:10s} {'available' if ok else 'unavailable':12s} {detail}")
+        if ok and reason:  # e.g. whether a QPU token is configured
+            print(f"{'':23s} note: {reason}")
+    print("\nUse one with --backend NAME; set options with --set backend.options.KEY=VALUE.")
     return 0
 
 

@@ -108,3 +108,10 @@ def test_neal_anneal_mode_ends_at_target_beta():
     rbm = reference_rbms()[0]
     make = lambda: backends.get_sampler("neal", mode="anneal", num_sweeps=300)  # noqa: E731
     check_distribution(make, rbm, 20000)
+
+
+def test_unseeded_neal_calls_never_pass_an_out_of_range_seed():
+    # dwave-samplers rejects seeds >= 2**31; half of all 32-bit draws used to hit that
+    sampler, rbm = backends.get_sampler("neal", num_sweeps=1), random_rbm(3, 2)
+    for _ in range(30):
+        sampler.sample(rbm, 2)

@@ -1,5 +1,8 @@
 """The `dwave` backend, offline: everything runs through the QPU emulator (no Leap access)."""
 
+import json
+from pathlib import Path
+
 import dimod
 import numpy as np
 import pytest
@@ -36,8 +39,11 @@ def test_conformance_embedded_chimera(tmp_path):
     assert len(report["distribution"]) == 2
 
 
-def test_native_mode_distribution(emulator):
-    make = lambda: emulator(mode="native", calibration_reads=10000)  # noqa: E731
+@pytest.mark.parametrize("substitute", ["thermal", "simulated_annealing"])
+def test_native_mode_distribution(emulator, substitute):
+    # without chains, dwave-samplers' fixed-beta SA (the issue's emulator) is exact too
+    make = lambda: emulator(mode="native", calibration_reads=10000,  # noqa: E731
+                            emulator_sampler=substitute)
     mask, _, _ = native_rbm_mask(make(), 9, 10)  # 9 visible units: 512 states to enumerate
     model, ref = RBM(9, 10, mask=mask, init_std=0.0), random_rbm(9, 10, seed=0)
     assert 0 < float(model.mask.mean()) < 1  # a genuinely sparse, hardware-shaped RBM
@@ -267,3 +273,29 @@ def test_read_splitting_spin_reversal_and_state(emulator):
     assert clone.beta == s.beta and clone.qpu_time_s == s.qpu_time_s
     split = emulator(beta_eff=6.0).sample(rbm, 10001, seed=0)  # emulator num_reads limit 10,000
     assert split.info["qpu_calls"] == 2 and len(split) == 10001
+
+
+@pytest.mark.parametrize("mode", ["embedded", "native"])
+def test_train_smoke_with_the_emulator(tmp_path, mode):
+    from qvae import checkpoint
+    from qvae.config import load_config
+    from qvae.train import train
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs/smoke.yaml", [
+        "backend.name=dwave", f"backend.options={{solver: emulator, mode: {mode}, "
+        f"embedding_cache: {tmp_path / 'emb'}, calibration_reads: 500, beta_every: 5}}",
+        "model.n_visible=8", "model.n_hidden=8", "train.steps=12", "train.log_every=4",
+        "eval.num_iw=5", "eval.max_examples=20", "train.sample_grid=4"])
+    res = train(cfg, tmp_path / "run", progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert all(3 < r["backend/beta_eff"] < 12 for r in rows)  # β_eff logged every row
+    assert rows[-1]["fallbacks"] == 0 and "backend/chain_break_fraction" in rows[-1]
+    state = checkpoint.load(tmp_path / "run")
+    assert state["sampler_states"][0]["qpu_time_s"] > 0
+    mask = state["model"].get("prior.mask")
+    if mode == "native":  # the RBM was built on the QPU graph: sparse
+        assert mask is not None and 0 < float(mask.mean()) < 1
+    else:
+        assert mask is None
+    assert res.evaluation["nll"] > 0
