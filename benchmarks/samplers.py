@@ -119,6 +119,7 @@ class Bench:
         self.rbm, self.device = rbm, device
         self.times: list[float] = []
         self.mean_energy: float | None = None
+        self.extra: dict[str, Any] = {}
 
     @property
     def updates_per_run(self) -> int:
@@ -190,9 +191,11 @@ class GibbsBench(Bench):
     def run(self) -> None:
         self.out = self.sampler.sample(self.rbm_dev, CHAINS, seed=self.seed)
         self.seed = None  # seed once; later calls continue the persistent chains
+        self.extra.setdefault("sweeps_only_s", []).append(self.out.info["timing"]["sample_s"])
 
     def finish(self) -> None:
         self.mean_energy = float(self.out.energy.mean())
+        self.extra["sweeps_only_s"] = self.extra["sweeps_only_s"][1:]  # drop the burn-in call
 
 
 class NealBench(Bench):
@@ -308,6 +311,7 @@ def row(bench: Bench, model: str) -> dict[str, Any]:
         "mean_energy": bench.mean_energy,
         "times_s": bench.times,
         "available": True,
+        **bench.extra,
     }
 
 
