@@ -130,6 +130,7 @@ class TrainResult:
     out_dir: Path
     step: int
     interrupted: bool = False
+    train_seconds: float = 0.0  # wall time of all training steps so far, across resumes
     files: dict[str, str] = field(default_factory=dict)
     evaluation: dict[str, Any] | None = None
 
@@ -156,7 +157,7 @@ def train(
     model = build_model(cfg, pixel_mean=data.mean(0), mask=mask).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
-    start = 0
+    start, train_seconds = 0, 0.0
 
     ckpt_path = out_dir / checkpoint.CHECKPOINT_NAME
     if resume:
@@ -168,7 +169,7 @@ def train(
         sampler_states = state.get("sampler_states") or []
         if ctx.rank < len(sampler_states) and state.get("backend") == cfg.backend.name:
             sampler.load_state_dict(sampler_states[ctx.rank])
-        start = state["step"]
+        start, train_seconds = state["step"], float(state.get("train_seconds", 0.0))
     elif ckpt_path.exists() and ctx.main:
         raise FileExistsError(
             f"{ckpt_path} exists: pass --resume to continue it, or choose another --out"
@@ -193,6 +194,7 @@ def train(
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "step": step,
+                    "train_seconds": train_seconds,
                     "backend": cfg.backend.name,
                     "sampler_states": sampler_states,
                 },
@@ -238,8 +240,11 @@ def train(
             scheduler.step()
             step += 1
 
+            step_s = time.perf_counter() - t0
+            train_seconds += step_s
             row = {"step": step, "tau": tau, "kl_weight": kl_w,
-                   "lr": optimizer.param_groups[0]["lr"], "step_s": time.perf_counter() - t0,
+                   "lr": optimizer.param_groups[0]["lr"], "step_s": step_s,
+                   "train_seconds": train_seconds,
                    "sampler_s_total": sampler_seconds, "fallbacks": fallbacks, **metrics,
                    **backend_scalars(info)}
             if ctx.main:
@@ -272,7 +277,8 @@ def train(
     finally:
         bar.close()
     save(step)
-    result = TrainResult(out_dir, step, interrupted, {"checkpoint": str(ckpt_path)})
+    result = TrainResult(out_dir, step, interrupted, train_seconds,
+                         {"checkpoint": str(ckpt_path)})
     if interrupted or not ctx.main:
         return result
 

@@ -56,7 +56,8 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
 
     res = train(cfg, part, progress=False, callback=interrupt)
     assert res.interrupted and checkpoint.load(part)["step"] == 13
-    train(cfg, part, resume=True, progress=False)
+    resumed = train(cfg, part, resume=True, progress=False)
+    assert resumed.train_seconds > res.train_seconds > 0  # training time adds up across resumes
     a, b = params(full), params(part)
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged"
     assert [r["step"] for r in rows(part)] == [r["step"] for r in rows(full)]
@@ -89,8 +90,9 @@ def test_checkpoint_holds_everything_to_resume(tmp_path):
     train(tiny("train.steps=10", "eval.at_end=false"), tmp_path, progress=False)
     state = checkpoint.load(tmp_path)
     for key in ("config", "model", "optimizer", "scheduler", "step", "sampler_states",
-                "model_args"):
+                "model_args", "train_seconds"):
         assert key in state
+    assert state["train_seconds"] > 0
     assert state["sampler_states"][0]["hidden"].shape == (50, 8)  # persistent chains
     assert validate_config(state["config"]).model.n_visible == 8
 
