@@ -18,6 +18,8 @@ _REGISTRY: dict[str, str] = {
     "gibbs": "backends.gibbs:GibbsSampler",
     "neal": "backends.neal:NealSampler",
     "dwave": "backends.dwave:DWaveBackend",
+    "langevin": "backends.langevin:LangevinSampler",
+    "mala": "backends.mala:MALASampler",
 }
 
 
