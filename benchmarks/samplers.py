@@ -275,14 +275,17 @@ class PluginBench(Bench):
 
 # ------------------------------------------------------------------------------------ main
 def measure(
-    makers: list[tuple[str, Callable[[], Bench]]], repeats: int
+    makers: list[tuple[str, Callable[[], Bench], bool]], repeats: int
 ) -> tuple[list[Bench], dict[str, str]]:
+    """Build and warm every (name, maker, optional) bench, then time them interleaved."""
     benches, unavailable = [], {}
-    for name, make in makers:
+    for name, make, optional in makers:
         try:
             bench = make()
             bench.warm()
-        except Exception as exc:  # a missing or broken optional sampler: report, carry on
+        except Exception as exc:  # an optional sampler missing or broken: report, carry on
+            if not optional:
+                raise
             unavailable[name] = f"{type(exc).__name__}: {exc}"
             continue
         benches.append(bench)
@@ -365,15 +368,16 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for nv, nh in MODELS:
         rbm, model = make_rbm(nv, nh), f"{nv}x{nh}"
-        makers: list[tuple[str, Callable[[], Bench]]] = [
-            ("gibbs kernel", lambda r=rbm: KernelBench(r, device, args.sweeps)),
-            ("gibbs (backend)", lambda r=rbm: GibbsBench(r, device, args.sweeps)),
-            ("naive torch Gibbs", lambda r=rbm: NaiveBench(r, device, args.sweeps)),
-            ("neal (backend)", lambda r=rbm: NealBench(r, device, args.neal_sweeps, reads)),
+        makers: list[tuple[str, Callable[[], Bench], bool]] = [
+            ("gibbs kernel", lambda r=rbm: KernelBench(r, device, args.sweeps), False),
+            ("gibbs (backend)", lambda r=rbm: GibbsBench(r, device, args.sweeps), False),
+            ("naive torch Gibbs", lambda r=rbm: NaiveBench(r, device, args.sweeps), False),
+            ("neal (backend)",
+             lambda r=rbm: NealBench(r, device, args.neal_sweeps, reads), False),
             ("plugin BipartiteGibbsSampler",
-             lambda r=rbm: PluginBench(r, device, args.sweeps, plugin_sweeps, "bipartite")),
+             lambda r=rbm: PluginBench(r, device, args.sweeps, plugin_sweeps, "bipartite"), True),
             ("plugin BlockSampler",
-             lambda r=rbm: PluginBench(r, device, args.sweeps, plugin_sweeps, "block")),
+             lambda r=rbm: PluginBench(r, device, args.sweeps, plugin_sweeps, "block"), True),
         ]
         benches, unavailable = measure(makers, repeats)
         model_rows = [row(b, model) for b in benches]
