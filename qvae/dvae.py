@@ -50,6 +50,16 @@ def _logistic_noise(shape: tuple[int, ...], like: torch.Tensor, generator: Any) 
     return torch.log(u) - torch.log1p(-u)
 
 
+def init_output_bias(decoder: nn.Sequential, pixel_mean: Any, n_pixels: int) -> None:
+    """Start the decoder at the data's pixel means (logit of the clamped mean): a standard trick
+    that saves the first epochs from learning the background."""
+    mean = torch.as_tensor(pixel_mean, dtype=torch.float32).reshape(-1)
+    if mean.numel() != n_pixels or not torch.isfinite(mean).all():
+        raise ValueError(f"pixel_mean must be {n_pixels} finite values")
+    with torch.no_grad():
+        decoder[-1].bias.copy_(torch.logit(mean.clamp(1e-3, 1 - 1e-3)))
+
+
 def _check_count(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -111,11 +121,7 @@ class DVAE(nn.Module):
             self.decoder = _mlp([n_latent, *dec, n_pixels], activation)
         self.prior = RBM(n_visible, n_hidden, mask=rbm_mask, init_std=rbm_init_std, seed=seed)
         if pixel_mean is not None:
-            mean = torch.as_tensor(pixel_mean, dtype=torch.float32).reshape(-1)
-            if mean.numel() != n_pixels or not torch.isfinite(mean).all():
-                raise ValueError(f"pixel_mean must be {n_pixels} finite values")
-            with torch.no_grad():
-                self.decoder[-1].bias.copy_(torch.logit(mean.clamp(1e-3, 1 - 1e-3)))
+            init_output_bias(self.decoder, pixel_mean, n_pixels)
 
     @property
     def n_latent(self) -> int:

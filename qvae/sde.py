@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qvae import relax
-from qvae.dvae import _ACTIVATIONS, _check_count, _mlp
+from qvae.dvae import _ACTIVATIONS, _check_count, _mlp, init_output_bias
 from qvae.rbm import RBM
 
 VectorField = Callable[[torch.Tensor, float], torch.Tensor]
@@ -163,11 +163,7 @@ class SDEVAE(nn.Module):
                 self.control_feature.weight.zero_()
         self.prior = RBM(n_visible, n_hidden, init_std=rbm_init_std, seed=seed)
         if pixel_mean is not None:
-            mean = torch.as_tensor(pixel_mean, dtype=torch.float32).reshape(-1)
-            if mean.numel() != n_pixels or not torch.isfinite(mean).all():
-                raise ValueError(f"pixel_mean must be {n_pixels} finite values")
-            with torch.no_grad():
-                self.decoder[-1].bias.copy_(torch.logit(mean.clamp(1e-3, 1 - 1e-3)))
+            init_output_bias(self.decoder, pixel_mean, n_pixels)
 
     n_visible = property(lambda self: self.prior.n_visible, doc="latent size nv")
     dt = property(lambda self: self.horizon / self.num_steps, doc="Euler–Maruyama step T/N")
