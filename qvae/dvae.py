@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qvae.rbm import RBM, enumerate_states
+from qvae.relax import sample_logistic
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU,
@@ -43,11 +44,9 @@ def _log_bernoulli(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _logistic_noise(shape: tuple[int, ...], like: torch.Tensor, generator: Any) -> torch.Tensor:
+    """Logistic(0, 1) noise drawn on the generator's device, returned on `like`'s."""
     device = generator.device if generator is not None else like.device
-    u = torch.rand(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
-    eps = torch.finfo(like.dtype).eps
-    u = u.clamp(eps, 1 - eps)
-    return torch.log(u) - torch.log1p(-u)
+    return sample_logistic(shape, generator, device=device, dtype=like.dtype).to(like.device)
 
 
 def init_output_bias(decoder: nn.Sequential, pixel_mean: Any, n_pixels: int) -> None:
