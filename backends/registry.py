@@ -20,6 +20,7 @@ _REGISTRY: dict[str, str] = {
     "dwave": "backends.dwave:DWaveBackend",
     "langevin": "backends.langevin:LangevinSampler",
     "mala": "backends.mala:MALASampler",
+    "remote": "backends.remote:RemoteSampler",
 }
 
 

@@ -54,7 +54,21 @@ class ModelConfig(Strict):
 class BackendConfig(Strict):
     name: str = Field("gibbs", description="sampler backend for the negative phase")
     num_samples: int = Field(100, ge=1, le=1_000_000, description="negative samples per step")
-    options: dict[str, Any] = Field(default_factory=dict, description="backend options")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="backend options (remote: the target's options)"
+    )
+    url: str | None = Field(
+        None, description="remote: service base URL, e.g. http://127.0.0.1:8700 "
+        "(None: $QVAE_SERVICE_URL)"
+    )
+    target: str | None = Field(
+        None, description="remote: backend the service samples with, e.g. dwave"
+    )
+    remote: dict[str, Any] = Field(
+        default_factory=dict,
+        description="remote: client settings: timeout_s, max_retries, retry_backoff_s, mode, ... "
+        "(api_key too, but prefer $QVAE_API_KEY: the config is saved with every run)",
+    )
 
     @model_validator(mode="after")
     def _known_backend_and_options(self) -> BackendConfig:
@@ -62,13 +76,52 @@ class BackendConfig(Strict):
 
         if self.name not in registered():
             raise ValueError(f"unknown backend {self.name!r}; choose one of {registered()}")
-        unknown = sorted(set(self.options) - set(option_names(self.name)))
-        if unknown:
+        if self.name != "remote":
+            stray = [f"backend.{key}" for key in REMOTE_ONLY if getattr(self, key)]
+            if stray:
+                raise ValueError(
+                    f"{stray} only apply to backend 'remote' (backend.name is {self.name!r}); "
+                    "remove them or set backend.name=remote"
+                )
+            _check_names(self.options, option_names(self.name), f"for backend {self.name!r}")
+            return self
+        if self.target is None:
             raise ValueError(
-                f"unknown option(s) {unknown} for backend {self.name!r}; "
-                f"valid options: {option_names(self.name)}"
+                "backend 'remote' needs backend.target, the backend the service samples with: "
+                "e.g. --set backend.target=dwave"
             )
+        targets = [n for n in registered() if n != "remote"]
+        if self.target not in targets:
+            raise ValueError(f"unknown backend.target {self.target!r}; choose one of {targets}")
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"backend.url must start with http:// or https://, got {self.url!r}")
+        _check_names(self.options, option_names(self.target),
+                     f"in backend.options for target {self.target!r}")
+        client = [n for n in option_names("remote") if n not in REMOTE_ONLY + ("options",)]
+        _check_names(self.remote, client, "in backend.remote", noun="key")
         return self
+
+
+#: BackendConfig fields that only backend "remote" reads.
+REMOTE_ONLY = ("url", "target", "remote")
+
+
+def _check_names(given: dict[str, Any], valid: list[str], where: str, noun: str = "option") -> None:
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown {noun}(s) {unknown} {where}; valid {noun}s: {valid}")
+
+
+def sampler_options(backend: BackendConfig) -> tuple[str, dict[str, Any]]:
+    """(name, kwargs) for `backends.get_sampler` from a backend section.
+
+    >>> sampler_options(BackendConfig(name="gibbs", options={"num_sweeps": 5}))
+    ('gibbs', {'num_sweeps': 5})
+    """
+    if backend.name != "remote":
+        return backend.name, dict(backend.options)
+    return "remote", {"url": backend.url, "target": backend.target,
+                      "options": dict(backend.options), **backend.remote}
 
 
 class TrainConfig(Strict):

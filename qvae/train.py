@@ -24,7 +24,7 @@ from torch import nn
 
 import backends
 from qvae import checkpoint
-from qvae.config import Config
+from qvae.config import Config, sampler_options
 from qvae.datasets import load_dataset
 from qvae.dvae import DVAE
 from qvae.sde import SDEVAE
@@ -152,7 +152,8 @@ def train(
     ctx = init_distributed(cfg.device)
     device = torch.device(cfg.device)
     data = load_dataset(cfg.data.dataset, "train").to(device)
-    sampler = backends.get_sampler(cfg.backend.name, **cfg.backend.options)
+    backend_name, backend_options = sampler_options(cfg.backend)
+    sampler = backends.get_sampler(backend_name, **backend_options)
     mask = sampler.connectivity_mask(cfg.model.n_visible, cfg.model.n_hidden)
     model = build_model(cfg, pixel_mean=data.mean(0), mask=mask).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
