@@ -6,6 +6,8 @@ drawn from it by inverse-CDF, and the other layer is drawn exactly from its cond
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from backends.base import Sampler, SampleSet, Timer, energies, make_generator
@@ -22,6 +24,13 @@ class ExactSampler(Sampler):
         if isinstance(max_states, bool) or not isinstance(max_states, int) or max_states < 2:
             raise ValueError(f"max_states must be an int >= 2, got {max_states!r}")
         self.max_states = max_states
+
+    def sample_general_bqm(self, bqm: Any, num_samples: int, *, seed: int | None = None) -> Any:
+        """Any small BQM (2^n ≤ max_states), exactly: see `backends.bqm.sample_bqm`."""
+        from backends.bqm import check_bqm, sample_by_enumeration
+
+        check_bqm(bqm)
+        return sample_by_enumeration(bqm, num_samples, seed, self.max_states)
 
     def _sample(self, rbm: RBM, num_samples: int, *, seed: int | None, timer: Timer) -> SampleSet:
         n_small = min(rbm.n_visible, rbm.n_hidden)

@@ -8,7 +8,9 @@ geometric schedule from `beta_start` up to β, ending at the target temperature.
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import dimod
 import numpy as np
 import torch
 from dwave.samplers import SimulatedAnnealingSampler
@@ -49,26 +51,39 @@ class NealSampler(Sampler):
         self.beta_start, self.randomize_order = float(beta_start), bool(randomize_order)
         self._sa = SimulatedAnnealingSampler()
 
+    def _run(self, bqm: dimod.BinaryQuadraticModel, num_samples: int,
+             seed: int | None) -> dimod.SampleSet:
+        if seed is None:  # derive a seed from fresh entropy: dwave-samplers needs one < 2**31
+            seed = int(torch.randint(0, SEED_LIMIT, (1,), generator=make_generator(None)))
+        if self.mode == "boltzmann":
+            schedule = {"beta_range": (self.beta, self.beta), "beta_schedule_type": "linear"}
+        else:
+            schedule = {"beta_range": (self.beta_start, self.beta),
+                        "beta_schedule_type": "geometric"}
+        return self._sa.sample(
+            bqm,
+            num_reads=num_samples,
+            num_sweeps=self.num_sweeps,
+            proposal_acceptance_criteria="Gibbs",
+            randomize_order=self.randomize_order,
+            seed=seed % SEED_LIMIT,
+            **schedule,
+        )
+
+    def sample_general_bqm(self, bqm: dimod.BinaryQuadraticModel, num_samples: int, *,
+                           seed: int | None = None) -> Any:
+        """Any BQM (not only RBMs), samples in its own vartype: see `backends.bqm.sample_bqm`."""
+        from backends.bqm import check_bqm, from_dimod
+
+        check_bqm(bqm)
+        info = {"mode": self.mode, "beta": self.beta, "num_sweeps": self.num_sweeps}
+        return from_dimod(self._run(bqm, num_samples, seed), bqm, info)
+
     def _sample(self, rbm: RBM, num_samples: int, *, seed: int | None, timer: Timer) -> SampleSet:
         with timer("preprocess"):
             bqm = rbm.to_bqm()
-            if seed is None:  # derive a seed from fresh entropy: dwave-samplers needs one < 2**31
-                seed = int(torch.randint(0, SEED_LIMIT, (1,), generator=make_generator(None)))
-            if self.mode == "boltzmann":
-                schedule = {"beta_range": (self.beta, self.beta), "beta_schedule_type": "linear"}
-            else:
-                schedule = {"beta_range": (self.beta_start, self.beta),
-                            "beta_schedule_type": "geometric"}
         with timer("sample"):
-            result = self._sa.sample(
-                bqm,
-                num_reads=num_samples,
-                num_sweeps=self.num_sweeps,
-                proposal_acceptance_criteria="Gibbs",
-                randomize_order=self.randomize_order,
-                seed=seed % SEED_LIMIT,
-                **schedule,
-            )
+            result = self._run(bqm, num_samples, seed)
         with timer("postprocess"):
             order = [result.variables.index(i) for i in range(rbm.n_units)]
             states = torch.from_numpy(np.ascontiguousarray(result.record.sample[:, order]))

@@ -83,6 +83,25 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("backends", help="list sampler backends, whether they run here, and options")
 
+    v = sub.add_parser(
+        "serve", help="run the sampler service: every backend behind one HTTP API",
+        description="Serve POST /v1/sample, GET /v1/jobs/{id}, /v1/backends, /healthz and "
+        "/metrics. API keys come from the config's `keys:` and from $QVAE_API_KEYS "
+        "(comma-separated); clients send them as 'Authorization: Bearer KEY'. Trainers use it "
+        "with `qvae train --backend remote --set backend.url=http://HOST:PORT --set "
+        "backend.target=dwave`.",
+        epilog="example:\n  QVAE_API_KEYS=$(openssl rand -hex 16) qvae serve --config "
+        "configs/service.yaml\n  curl localhost:8700/healthz",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    v.add_argument("--config", type=Path, help="service YAML (default: built-in defaults; see "
+                   "configs/service.yaml)")
+    v.add_argument("--host", help="bind address (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=int, help="TCP port (default 8700)")
+    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a service config key, e.g. --set limits.cpu_workers=4")
+    v.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])
+
     c = sub.add_parser("config", help="print every config key with its default and meaning, or "
                        "the validated config of a file")
     c.add_argument("--config", type=Path, help="validate and print this file")
@@ -234,7 +253,20 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample,
+def cmd_serve(args: argparse.Namespace) -> int:
+    from qvae.service.server import serve
+    from qvae.service.settings import load_service_config
+
+    config = load_service_config(args.config, args.overrides)
+    try:
+        serve(config, host=args.host, port=args.port, log_level=args.log_level)
+    except ValueError as exc:  # e.g. no API keys
+        print(f"qvae serve: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+COMMANDS = {"serve": cmd_serve, "train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample,
             "compare": cmd_compare, "backends": cmd_backends, "config": cmd_config}
 
 

@@ -1,0 +1,143 @@
+"""Sampling a general Ising/QUBO problem (a dimod BQM) with a backend.
+
+A bipartite BQM *is* an RBM (up to a constant): its interaction graph is 2-coloured into a visible
+and a hidden layer and any backend samples it. A BQM with an odd cycle is not; only backends that
+sample arbitrary BQMs (`neal`, `exact`) take it, through their `sample_general_bqm` method.
+
+>>> import dimod, backends
+>>> bqm = dimod.BinaryQuadraticModel({"a": 0.5, "b": -0.5}, {("a", "b"): -1.0}, 0.0, "SPIN")
+>>> out = sample_bqm(backends.get_sampler("exact"), bqm, 8, seed=0)
+>>> out.samples.shape, out.vartype
+((8, 2), 'SPIN')
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import dimod
+import numpy as np
+import torch
+
+from backends.base import Sampler, Timer
+from qvae.rbm import RBM
+
+
+class NotBipartite(ValueError):
+    """The BQM has an odd cycle, so it is not an RBM."""
+
+
+@dataclass
+class BQMSamples:
+    """Samples of a BQM in its own vartype, columns in `variables` order, energies with offset."""
+
+    variables: list[Any]
+    vartype: str
+    samples: np.ndarray
+    energies: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
+    continuous: np.ndarray | None = None
+
+
+def check_bqm(bqm: dimod.BinaryQuadraticModel) -> None:
+    """ValueError naming the first non-finite bias; a BQM needs at least one variable."""
+    if bqm.num_variables == 0:
+        raise ValueError("the BQM has no variables")
+    for v, bias in bqm.linear.items():
+        if not math.isfinite(bias):
+            raise ValueError(f"linear bias of variable {v!r} is {bias}")
+    for (a, b), bias in bqm.quadratic.items():
+        if not math.isfinite(bias):
+            raise ValueError(f"quadratic bias of ({a!r}, {b!r}) is {bias}")
+    if not math.isfinite(bqm.offset):
+        raise ValueError(f"offset is {bqm.offset}")
+
+
+def bipartition(bqm: dimod.BinaryQuadraticModel) -> tuple[list[Any], list[Any]]:
+    """Two layers with every interaction between them (BFS 2-colouring), or NotBipartite."""
+    colour: dict[Any, int] = {}
+    for start in bqm.variables:
+        if start in colour:
+            continue
+        colour[start] = 0
+        queue = deque([start])
+        while queue:
+            u = queue.popleft()
+            for w in bqm.adj[u]:
+                if w not in colour:
+                    colour[w] = 1 - colour[u]
+                    queue.append(w)
+                elif colour[w] == colour[u]:
+                    raise NotBipartite(
+                        f"variables {u!r} and {w!r} interact but fall in the same layer (odd "
+                        "cycle): this BQM is not an RBM"
+                    )
+    visible = [v for v in bqm.variables if colour[v] == 0]
+    hidden = [v for v in bqm.variables if colour[v] == 1]
+    if not hidden and len(visible) > 1:  # no interactions at all: any split is an RBM
+        hidden.append(visible.pop())
+    if not hidden:
+        raise NotBipartite("a single-variable BQM has no RBM form")
+    return visible, hidden
+
+
+def sample_bqm(
+    sampler: Sampler, bqm: dimod.BinaryQuadraticModel, num_samples: int, *, seed: int | None = None
+) -> BQMSamples:
+    """Draw `num_samples` states ~ exp(−E_bqm) with `sampler`, in the BQM's vartype."""
+    check_bqm(bqm)
+    try:
+        visible, hidden = bipartition(bqm)
+    except NotBipartite as exc:
+        general = getattr(sampler, "sample_general_bqm", None)
+        if general is None:
+            raise NotBipartite(f"{exc}; backend {sampler.name!r} samples RBMs only, use 'neal' "
+                               "or 'exact' for a general BQM") from None
+        timer = Timer()
+        with timer("total"), timer("sample"):
+            general_out = general(bqm, num_samples, seed=seed)
+        general_out.info.update(timing=dict(timer.seconds), backend=sampler.name)
+        return general_out
+    rbm = RBM.from_bqm(bqm, visible, hidden)
+    out = sampler.sample(rbm, num_samples, seed=seed)
+    z = out.states.detach().cpu().numpy().astype(np.int8)
+    if bqm.vartype is dimod.SPIN:
+        z = 2 * z - 1
+    variables = visible + hidden
+    order = [variables.index(v) for v in bqm.variables]
+    samples = z[:, order]
+    energies = bqm.energies((samples, list(bqm.variables)))
+    continuous = None if out.continuous is None else out.continuous.cpu().numpy()[:, order]
+    info = {**out.info, "num_visible_layer": len(visible)}
+    return BQMSamples(list(bqm.variables), bqm.vartype.name, samples, energies, info, continuous)
+
+
+def from_dimod(sampleset: dimod.SampleSet, bqm: dimod.BinaryQuadraticModel,
+               info: dict[str, Any]) -> BQMSamples:
+    """A dimod SampleSet (one row per read) as BQMSamples in the BQM's variable order."""
+    order = [sampleset.variables.index(v) for v in bqm.variables]
+    samples = np.ascontiguousarray(sampleset.record.sample[:, order]).astype(np.int8)
+    energies = bqm.energies((samples, list(bqm.variables)))
+    return BQMSamples(list(bqm.variables), bqm.vartype.name, samples, energies, info)
+
+
+def sample_by_enumeration(bqm: dimod.BinaryQuadraticModel, num_samples: int, seed: int | None,
+                          max_states: int) -> BQMSamples:
+    """Exact draws from exp(−E) over all 2^n states (n ≤ log2 max_states)."""
+    n = bqm.num_variables
+    if 2**n > max_states:
+        raise ValueError(f"exact sampling of a general BQM enumerates 2^{n} states, over "
+                         f"max_states={max_states}; use 'neal'")
+    table = dimod.ExactSolver().sample(bqm)
+    log_p = -torch.from_numpy(np.ascontiguousarray(table.record.energy, dtype=np.float64))
+    gen = torch.Generator()
+    gen.manual_seed(seed) if seed is not None else gen.seed()
+    idx = torch.multinomial(torch.softmax(log_p, 0), num_samples, replacement=True, generator=gen)
+    order = [table.variables.index(v) for v in bqm.variables]
+    samples = np.ascontiguousarray(table.record.sample[idx.numpy()][:, order]).astype(np.int8)
+    energies = bqm.energies((samples, list(bqm.variables)))
+    return BQMSamples(list(bqm.variables), bqm.vartype.name, samples, energies,
+                      {"states_enumerated": 2**n})

@@ -1,0 +1,316 @@
+"""The sampler service: every backend behind one authenticated HTTP API.
+
+`create_app(config)` builds the FastAPI app; `qvae serve` runs it under uvicorn. A request is
+checked completely (key, backend permission, sizes, problem, options, QPU budget) before it is
+queued, so no worker — and no QPU second — is spent on a request that was going to fail.
+"""
+
+import asyncio
+import json
+import threading
+import time
+from collections import OrderedDict
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import torch
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+import backends
+from backends.base import Sampler
+from backends.bqm import NotBipartite, bipartition, sample_bqm
+from backends.registry import option_names, sampler_class
+from qvae.service.accounts import Keys, Ledger
+from qvae.service.guard import Guard
+from qvae.service.jobs import Job, Scheduler, ServiceError
+from qvae.service.metrics import Metrics
+from qvae.service.problems import (
+    build_bqm,
+    build_rbm,
+    encode,
+    field_error,
+    jsonable,
+    problem_size,
+)
+from qvae.service.schemas import (
+    ERRORS,
+    BackendInfo,
+    BackendList,
+    Health,
+    JobAccepted,
+    JobStatus,
+    SampleRequest,
+    SampleResult,
+)
+from qvae.service.settings import QPU_BACKENDS, KeyConfig, ServiceConfig
+
+OPEN_KEY = KeyConfig(key="no-auth-open", name="anonymous")  # require_auth: false
+SHARED_SAMPLERS = 8  # QPU samplers kept warm (embedding, β_eff) per distinct option set
+
+
+class Service:
+    """State shared by the endpoints: keys, ledger, scheduler, metrics, warm QPU samplers."""
+
+    def __init__(self, config: ServiceConfig):
+        self.config = config
+        self.keys = Keys(config.all_keys())
+        if config.require_auth and not len(self.keys):
+            raise ValueError("no API keys: put keys in the service config or set QVAE_API_KEYS "
+                             "(comma-separated), or set require_auth: false for a private "
+                             "loopback service")
+        self.ledger = Ledger(config.ledger_path)
+        self.metrics = Metrics()
+        lim = config.limits
+        self.scheduler = Scheduler({"cpu": (lim.cpu_workers, lim.cpu_queue),
+                                    "qpu": (1, lim.qpu_queue)},
+                                   config.job_ttl_s, config.jobs_dir, self._finished)
+        for name, res in self.scheduler.resources.items():
+            self.metrics.watch(name, lambda r=res: r.outstanding - r.running,
+                               lambda r=res: r.running)
+        self.metrics.jobs_stored.set_function(lambda: len(self.scheduler.jobs))
+        self.shared: OrderedDict[str, tuple[Sampler, threading.Lock]] = OrderedDict()
+        self.shared_lock = threading.Lock()
+
+    # ----------------------------------------------------------------- request checks
+    def caller(self, creds: HTTPAuthorizationCredentials | None) -> KeyConfig:
+        if not self.config.require_auth:
+            return OPEN_KEY
+        if creds is None:
+            raise ServiceError(401, "missing API key: send the header 'Authorization: Bearer "
+                               "KEY'", {"WWW-Authenticate": "Bearer"})
+        key = self.keys.get(creds.credentials)
+        if key is None:
+            raise ServiceError(401, "unknown API key", {"WWW-Authenticate": "Bearer"})
+        return key
+
+    def sampler(self, backend: str, options: dict[str, Any]) -> tuple[Sampler, threading.Lock]:
+        """A fresh sampler (CPU backends: requests stay independent and reproducible), or the
+        shared warm one for QPU backends, whose embedding and β_eff every caller reuses."""
+        try:
+            if backend not in QPU_BACKENDS:
+                return backends.get_sampler(backend, **options), threading.Lock()
+            ident = json.dumps(options, sort_keys=True, default=str)
+            with self.shared_lock:
+                if ident not in self.shared:
+                    self.shared[ident] = (backends.get_sampler(backend, **options),
+                                          threading.Lock())
+                    while len(self.shared) > SHARED_SAMPLERS:
+                        self.shared.popitem(last=False)
+                self.shared.move_to_end(ident)
+                return self.shared[ident]
+        except (ValueError, TypeError) as exc:
+            raise field_error(["options"], str(exc)) from None
+
+    def plan(self, req: SampleRequest, key: KeyConfig) -> tuple[Any, bool]:
+        """Check everything a request can get wrong; return (work to run, inline?)."""
+        cfg, lim = self.config, self.config.limits
+        served = cfg.served_backends()
+        if req.backend not in served:
+            raise field_error(["backend"], f"unknown backend {req.backend!r}; this service "
+                              f"serves {served}")
+        if not key.may_use(req.backend):
+            raise ServiceError(403, f"key {key.label()!r} may not use backend {req.backend!r}; "
+                               f"it may use {[b for b in served if key.may_use(b)]}")
+        ok, why = sampler_class(req.backend).availability()
+        if not ok:
+            raise ServiceError(503, f"backend {req.backend!r} is unavailable here: {why}",
+                               {"Retry-After": "60"})
+        n_vars = problem_size(req.rbm, req.bqm)
+        for what, value, limit in (("num_samples", req.num_samples, lim.max_num_samples),
+                                   ("variables", n_vars, lim.max_variables),
+                                   ("num_samples × variables", req.num_samples * n_vars,
+                                    lim.max_work)):
+            if value > limit:
+                raise ServiceError(413, f"{what} = {value} is over this service's limit of "
+                                   f"{limit}; split the request")
+        policy = cfg.policy(req.backend)
+        locked = sorted(set(req.options) & set(policy.locked))
+        if locked:
+            raise ServiceError(403, f"option(s) {locked} of backend {req.backend!r} are fixed by "
+                               "the service and may not be set by clients")
+        valid = option_names(req.backend)
+        for name in req.options:
+            if name not in valid:
+                raise field_error(["options", name], f"unknown option {name!r} for backend "
+                                  f"{req.backend!r}; valid options: {valid}")
+        sampler, lock = self.sampler(req.backend, {**policy.options, **req.options})
+        if req.rbm is not None:
+            problem: Any = build_rbm(req.rbm)
+        else:
+            problem = build_bqm(req.bqm or {})
+            try:
+                bipartition(problem)
+            except NotBipartite as exc:
+                if not hasattr(sampler, "sample_general_bqm"):
+                    raise field_error(["bqm"], f"{exc}; backend {req.backend!r} samples RBMs "
+                                      "only, use 'neal' or 'exact' for a general BQM") from None
+        budget = key.qpu_budget_s
+        if req.backend in QPU_BACKENDS and budget is not None:
+            used = self.ledger.used(key.label())
+            if used >= budget:
+                raise ServiceError(429, f"QPU-time budget exhausted for key {key.label()!r}: "
+                                   f"{used:.3f} s used of {budget:g} s. Ask the service's "
+                                   "operator to raise qpu_budget_s, or use a CPU backend.")
+        inline = req.mode == "inline" or (req.mode == "auto" and
+                                          req.num_samples * n_vars <= lim.inline_max_work)
+
+        def work(job: Job) -> bytes:
+            started = time.time()
+            try:
+                with lock:
+                    if req.rbm is not None:
+                        out: Any = sampler.sample(problem, req.num_samples, seed=req.seed)
+                    else:
+                        out = sample_bqm(sampler, problem, req.num_samples, seed=req.seed)
+            except (ValueError, TypeError) as exc:  # e.g. exact on a too-large RBM
+                raise field_error(["rbm" if req.rbm is not None else "bqm"],
+                                  f"backend {req.backend!r} refused the problem: {exc}") from None
+            qpu = float(out.info.get("qpu_access_time_s") or 0.0)
+            self.ledger.charge(key.label(), qpu)
+            if qpu:
+                self.metrics.qpu_seconds.labels(key.label()).inc(qpu)
+            served_by = str(out.info.get("served_by", req.backend))
+            self.metrics.samples.labels(req.backend, served_by).inc(req.num_samples)
+            if out.info.get("fallback"):
+                self.metrics.fallbacks.labels(req.backend).inc()
+            extra = {"queue_wait_s": started - job.submitted_at,
+                     "service_s": time.time() - job.submitted_at, "key": key.label()}
+            return encode(job.id, req.backend, out, extra, req.return_continuous)
+
+        return work, inline
+
+    def _finished(self, job: Job) -> None:
+        """Nothing to do per job yet; the hook keeps metrics and persistence in one place."""
+
+    def backends_for(self, key: KeyConfig) -> BackendList:
+        out = {}
+        for name in self.config.served_backends():
+            ok, why = backends.registry.availability().get(name, (False, "unknown"))
+            cls = sampler_class(name)
+            out[name] = BackendInfo(available=ok, reason=why, allowed=key.may_use(name),
+                                    binary=cls.binary,
+                                    resource="qpu" if name in QPU_BACKENDS else "cpu",
+                                    options=option_names(name),
+                                    locked_options=self.config.policy(name).locked)
+        return BackendList(backends=out)
+
+
+def error_response(exc: ServiceError) -> JSONResponse:
+    return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
+
+
+def job_response(job: Job) -> Response:
+    if job.status == "done" and job.result is not None:
+        return Response(job.result, 200, media_type="application/json")
+    error = job.error or {"status_code": 500, "detail": "the job ended without a result"}
+    return JSONResponse({"detail": error["detail"]}, error["status_code"],
+                        headers={"Retry-After": "5"} if error["status_code"] == 503 else None)
+
+
+def create_app(config: ServiceConfig) -> FastAPI:
+    """The FastAPI app for `config` (run it with uvicorn, or `qvae serve`)."""
+    service = Service(config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        torch.set_num_threads(config.limits.torch_threads)
+
+        async def sweep() -> None:
+            while True:
+                await asyncio.sleep(min(5.0, config.job_ttl_s / 4))
+                service.scheduler.expire()
+
+        sweeper = asyncio.create_task(sweep())
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            await asyncio.to_thread(service.scheduler.drain, config.shutdown_grace_s)
+
+    app = FastAPI(title="qvae sampler service", version="1", lifespan=lifespan,
+                  description="Samples of RBMs and Ising/QUBO models from every qvae backend "
+                  "(QPU, simulated annealing, Gibbs, Langevin/MALA) behind one API.")
+    app.state.service = service
+    app.add_middleware(Guard, max_body_bytes=config.limits.max_body_bytes,
+                       metrics=service.metrics)
+
+    async def on_service_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ServiceError)
+        return error_response(exc)
+
+    async def on_invalid_request(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        # FastAPI's default echoes each bad input back: a NaN breaks the JSON, a big body floods
+        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"],
+                   **({"ctx": jsonable(e["ctx"])} if "ctx" in e else {})} for e in exc.errors()]
+        return JSONResponse({"detail": errors}, 422)
+
+    app.add_exception_handler(ServiceError, on_service_error)
+    app.add_exception_handler(RequestValidationError, on_invalid_request)
+    bearer = HTTPBearer(auto_error=False, description="an API key of this service")
+
+    def caller(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+               ) -> KeyConfig:
+        return service.caller(creds)
+
+    Caller = Annotated[KeyConfig, Depends(caller)]
+
+    @app.post("/v1/sample", response_model=None, summary="draw samples",
+              responses={200: {"model": SampleResult}, 202: {"model": JobAccepted}, **ERRORS})
+    async def sample(req: SampleRequest, request: Request, key: Caller,
+                     idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
+                     ) -> Response:
+        """Sample an RBM (`rbm`) or a dimod BQM (`bqm`) with `backend`; small requests are
+        answered inline, large ones (or `mode: job`) return a job id to poll."""
+        request.state.backend = req.backend
+        work, inline = service.plan(req, key)
+        resource = "qpu" if req.backend in QPU_BACKENDS else "cpu"
+        job = service.scheduler.submit(key.label(), req.backend, resource, work,
+                                       inline=inline, idempotency_key=idempotency_key)
+        if not job.inline:
+            location = f"/v1/jobs/{job.id}"
+            body = JobAccepted(job_id=job.id, status=job.status, location=location)
+            return JSONResponse(body.model_dump(), 202, headers={"Location": location})
+        await asyncio.wrap_future(job.done)
+        service.scheduler.deliver(job)
+        return job_response(job)
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobStatus,
+             responses={404: {"model": ERRORS[401]["model"]}, 410: {"model": ERRORS[401]["model"]},
+                        401: ERRORS[401]})
+    async def job_status(job_id: str, key: Caller) -> Response:
+        """A job's state; a finished job's result (or error) is delivered once, then 410."""
+        job = service.scheduler.fetch(job_id, key.label())
+        body = job.status_json()
+        if job.status in ("done", "failed"):
+            service.scheduler.deliver(job)
+        return Response(body, 200, media_type="application/json")
+
+    @app.get("/v1/backends", response_model=BackendList, responses={401: ERRORS[401]})
+    async def list_backends(key: Caller) -> BackendList:
+        """Backends this service serves, whether they run here (and why not), and options."""
+        return service.backends_for(key)
+
+    @app.get("/healthz", response_model=Health, responses={503: {"model": Health}})
+    async def healthz() -> Response:
+        """Liveness and load, without a key; 503 while shutting down."""
+        queued, running = service.scheduler.counts()
+        status = "draining" if service.scheduler.draining else "ok"
+        body = Health(status=status, queued=queued, running=running).model_dump()
+        return JSONResponse(body, 503 if status == "draining" else 200)
+
+    @app.get("/metrics", response_class=Response, responses={401: ERRORS[401]})
+    async def metrics(request: Request) -> Response:
+        """Prometheus text: requests, latencies, queue depth, QPU seconds per key. Public unless
+        the config sets metrics_public: false (then it needs a key like the API)."""
+        if not config.metrics_public:  # read by hand: the schema must not demand a key here
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            ok = scheme.lower() == "bearer" and token
+            service.caller(HTTPAuthorizationCredentials(scheme="Bearer", credentials=token)
+                           if ok else None)
+        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app
