@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def slow_body(seed: int, mode: str) -> dict:
     rbm = random_rbm(30, 30, seed=seed)
     return {"backend": "gibbs", "num_samples": 1000, "seed": seed, "mode": mode,
-            "options": {"num_sweeps": 300, "burn_in": 300},
+            "options": {"num_sweeps": 2000, "burn_in": 2000},  # ~1 s each
             "rbm": {"weight": rbm.weight.tolist(), "visible_bias": rbm.visible_bias.tolist(),
                     "hidden_bias": rbm.hidden_bias.tolist()}}
 
