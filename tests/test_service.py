@@ -385,3 +385,77 @@ def test_train_against_a_shared_service(url, tmp_path, monkeypatch, target):
     text = httpx.get(f"{url}/metrics").text
     served = "emulator" if target == "dwave" else "gibbs"
     assert metric(text, "qvae_samples_total", backend=target, served_by=served) >= 80
+
+
+def test_private_metrics_and_persistent_ledger(tmp_path):
+    ledger = tmp_path / "ledger.json"
+    config = {"keys": KEYS, "backends": EMULATOR, "metrics_public": False,
+              "ledger_path": str(ledger)}
+    body = sample_body(random_rbm(3, 3, seed=2), backend="dwave", num_samples=10)
+    with running_service(config) as base:
+        assert httpx.get(f"{base}/metrics").status_code == 401
+        assert httpx.get(f"{base}/metrics", headers=auth()).status_code == 200
+        assert httpx.post(f"{base}/v1/sample", json=body, headers=auth(BOB),
+                          timeout=60).status_code == 200
+    assert json.loads(ledger.read_text())["bob"] > 0
+    with running_service(config) as base:  # a restart does not refill bob's budget
+        r = httpx.post(f"{base}/v1/sample", json=body, headers=auth(BOB))
+        assert r.status_code == 429 and "budget" in r.json()["detail"]
+
+
+def test_cli_serve_without_keys_says_what_to_do(monkeypatch, capsys):
+    from qvae.cli import main as cli_main
+
+    monkeypatch.delenv("QVAE_API_KEYS", raising=False)
+    assert cli_main(["serve", "--port", "0"]) == 2
+    assert "QVAE_API_KEYS" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["serve", "--help"])
+    assert "Authorization: Bearer" in capsys.readouterr().out
+
+
+def test_the_qpu_serves_one_request_at_a_time(url):
+    """Concurrent QPU requests never overlap, while the CPU pool runs two at once."""
+    qpu = sample_body(random_rbm(4, 4, seed=5), backend="dwave", num_samples=200)
+    cpu = sample_body(random_rbm(30, 30, seed=5), num_samples=1000,
+                      options={"num_sweeps": 400, "burn_in": 400})
+
+    def windows(body, n=4):
+        def call(_):
+            r = httpx.post(f"{url}/v1/sample", json=body, headers=auth(), timeout=120)
+            assert r.status_code == 200, r.text
+            return r.json()["info"]["started_at"], r.json()["info"]["finished_at"]
+
+        with ThreadPoolExecutor(n) as pool:
+            return sorted(pool.map(call, range(n)))
+
+    def max_overlap(spans):
+        events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+        depth = best = 0
+        for _, step in events:
+            depth += step
+            best = max(best, depth)
+        return best
+
+    assert max_overlap(windows(qpu)) == 1
+    assert max_overlap(windows(cpu)) == 2
+
+
+def test_retained_answers_are_bounded(monkeypatch):
+    """Idempotent answers are kept briefly for retries, within a byte cap, oldest dropped."""
+    from qvae.service import jobs
+
+    monkeypatch.setattr(jobs, "RETAIN_MAX_BYTES", 250)
+    scheduler = jobs.Scheduler({"cpu": (1, 8)}, ttl_s=60)
+    done = []
+    for i in range(4):
+        job = scheduler.submit("k", "gibbs", "cpu", lambda job: b"x" * 100, inline=True,
+                               idempotency_key=f"key-{i}")
+        job.done.result(timeout=10)
+        scheduler.deliver(job)
+        done.append(job.id)
+    assert set(scheduler.retained) == set(done[-2:]) and scheduler.retained_bytes == 200
+    again = scheduler.submit("k", "gibbs", "cpu", lambda job: b"y", inline=True,
+                             idempotency_key="key-3")
+    assert again.id == done[-1] and again.result == b"x" * 100
+    scheduler.drain(0)

@@ -66,7 +66,7 @@ class Service:
         lim = config.limits
         self.scheduler = Scheduler({"cpu": (lim.cpu_workers, lim.cpu_queue),
                                     "qpu": (1, lim.qpu_queue)},
-                                   config.job_ttl_s, config.jobs_dir, self._finished)
+                                   config.job_ttl_s, config.jobs_dir)
         for name, res in self.scheduler.resources.items():
             self.metrics.watch(name, lambda r=res: r.outstanding - r.running,
                                lambda r=res: r.running)
@@ -176,14 +176,13 @@ class Service:
             self.metrics.samples.labels(req.backend, served_by).inc(req.num_samples)
             if out.info.get("fallback"):
                 self.metrics.fallbacks.labels(req.backend).inc()
+            finished = time.time()
             extra = {"queue_wait_s": started - job.submitted_at,
-                     "service_s": time.time() - job.submitted_at, "key": key.label()}
+                     "service_s": finished - job.submitted_at, "key": key.label(),
+                     "started_at": started, "finished_at": finished}
             return encode(job.id, req.backend, out, extra, req.return_continuous)
 
         return work, inline
-
-    def _finished(self, job: Job) -> None:
-        """Nothing to do per job yet; the hook keeps metrics and persistence in one place."""
 
     def backends_for(self, key: KeyConfig) -> BackendList:
         out = {}

@@ -18,6 +18,7 @@ import os
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 FINAL = ("done", "failed")
-RETAIN_DELIVERED_S = 60.0  # an idempotent retry within this window gets the same answer again
+# An idempotent retry within this window gets the same answer again (a client retries after a
+# lost response within its back-off, seconds); the byte cap bounds what a busy trainer pins.
+RETAIN_DELIVERED_S, RETAIN_MAX_BYTES = 30.0, 256 * 2**20
 
 
 class ServiceError(Exception):
@@ -91,12 +94,14 @@ class Resource:
 
 class Scheduler:
     def __init__(self, resources: dict[str, tuple[int, int]], ttl_s: float,
-                 jobs_dir: Path | None = None, on_finish: Callable[[Job], None] | None = None):
+                 jobs_dir: Path | None = None):
         self.resources = {n: Resource(n, w, q) for n, (w, q) in resources.items()}
-        self.ttl_s, self.jobs_dir, self.on_finish = ttl_s, jobs_dir, on_finish
+        self.ttl_s, self.jobs_dir = ttl_s, jobs_dir
         self.jobs: dict[str, Job] = {}
         self.tombstones: dict[str, float] = {}  # delivered job id -> when
         self.idempotent: dict[tuple[str, str], str] = {}
+        self.retained: OrderedDict[str, int] = OrderedDict()  # delivered id -> result bytes
+        self.retained_bytes = 0
         self.lock = threading.Lock()
         self.draining = False
         if jobs_dir is not None:
@@ -153,8 +158,6 @@ class Scheduler:
             job.result, job.error = result, error
             job.status, job.finished_at = ("done" if error is None else "failed"), time.time()
         self._persist(job)
-        if self.on_finish is not None:
-            self.on_finish(job)
         job.done.set_result(None)
 
     # --------------------------------------------------------------- deliver / fetch
@@ -165,6 +168,11 @@ class Scheduler:
                 job.delivered_at = self.tombstones[job.id] = time.time()
                 if job.idempotency_key is None:
                     self._forget(job)
+                else:
+                    self.retained[job.id] = len(job.result or b"")
+                    self.retained_bytes += self.retained[job.id]
+                    while self.retained_bytes > RETAIN_MAX_BYTES:
+                        self._forget(self.jobs[next(iter(self.retained))])
         self._unpersist(job.id)
 
     def fetch(self, job_id: str, owner: str) -> Job:
@@ -181,6 +189,7 @@ class Scheduler:
 
     def _forget(self, job: Job) -> None:
         self.jobs.pop(job.id, None)
+        self.retained_bytes -= self.retained.pop(job.id, 0)
         self.tombstones[job.id] = time.time()
         if job.idempotency_key is not None:
             self.idempotent.pop((job.owner, job.idempotency_key), None)
