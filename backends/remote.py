@@ -26,6 +26,7 @@ import time
 import uuid
 from typing import Any
 
+import orjson
 import torch
 
 from backends.base import Sampler, SampleSet, Timer, energies
@@ -260,8 +261,8 @@ class RemoteSampler(Sampler):
     def _sample(self, rbm: RBM, num_samples: int, *, seed: int | None, timer: Timer) -> SampleSet:
         self._retries = 0
         with timer("preprocess"):
-            def rows(t: torch.Tensor) -> list[Any]:
-                return t.detach().to("cpu", torch.float64).tolist()
+            def rows(t: torch.Tensor) -> Any:  # orjson writes float64 arrays ~10× faster
+                return t.detach().to("cpu", torch.float64).numpy()
 
             body: dict[str, Any] = {
                 "backend": self.target, "num_samples": num_samples, "options": self.options,
@@ -273,7 +274,7 @@ class RemoteSampler(Sampler):
                 body["seed"] = seed % SEED_LIMIT
             if self.return_continuous:
                 body["return_continuous"] = True
-            content = json.dumps(body).encode()
+            content = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
             headers = {"Content-Type": "application/json", "Idempotency-Key": uuid.uuid4().hex}
         with timer("sample"):
             response = self._request("POST", "/v1/sample", content=content, headers=headers)
@@ -284,7 +285,7 @@ class RemoteSampler(Sampler):
                     raise RemoteError(f"malformed 202 reply from {self.url}: {exc!r}") from exc
                 result = self._wait_for_job(job_id)
             elif response.status_code == 200:
-                job_id, result = None, response.json()
+                job_id, result = None, orjson.loads(response.content)
             else:
                 raise self._error(response)
         with timer("postprocess"):

