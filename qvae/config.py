@@ -218,17 +218,22 @@ def validate_config(raw: dict[str, Any]) -> Config:
         raise ConfigError(format_errors(err)) from None
 
 
+def read_yaml(path: str | Path | None, what: str = "config") -> dict[str, Any]:
+    """The mapping in a YAML file ({} when path is None); ConfigError when missing or not one."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read YAML (or start from defaults when path is None), apply overrides, validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return validate_config(apply_overrides(raw, list(overrides or [])))
+    return validate_config(apply_overrides(read_yaml(path), list(overrides or [])))
 
 
 def describe() -> str:

@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from qvae.config import ConfigError, Strict, format_errors
@@ -122,16 +121,9 @@ class ServiceConfig(Strict):
 def load_service_config(path: str | Path | None = None, overrides: list[str] | None = None,
                         ) -> ServiceConfig:
     """Read YAML (defaults when path is None), apply `key=value` overrides, validate."""
-    from qvae.config import apply_overrides
+    from qvae.config import apply_overrides, read_yaml
 
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"service config file not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
+    raw = read_yaml(path, "service config")
     try:
         return ServiceConfig.model_validate(apply_overrides(raw, list(overrides or [])))
     except ValidationError as err:
