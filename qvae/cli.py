@@ -238,7 +238,9 @@ def cmd_backends(_: argparse.Namespace) -> int:
         print(f"{name:10s} {'available' if ok else 'unavailable':12s} {detail}")
         if ok and reason:  # e.g. whether a QPU token is configured
             print(f"{'':23s} note: {reason}")
-    print("\nUse one with --backend NAME; set options with --set backend.options.KEY=VALUE.")
+    print("\nUse one with --backend NAME; set options with --set backend.options.KEY=VALUE.\n"
+          "remote samples on a `qvae serve` service: --backend remote --set backend.url=URL "
+          "--set backend.target=NAME (key in $QVAE_API_KEY).")
     return 0
 
 
