@@ -26,6 +26,8 @@ import networkx as nx
 import numpy as np
 import torch
 
+from qvae.atomic import write_bytes_atomic
+
 Chains = dict[int, list[int]]
 
 
@@ -114,10 +116,8 @@ def get_embedding(
                             timeout=timeout)
     seconds = time.perf_counter() - start
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, "seconds": seconds, "chains": chains}))
-        os.replace(tmp, path)
+        write_bytes_atomic(path, json.dumps({"key": key, "seconds": seconds,
+                                             "chains": chains}).encode())
     return chains, "miss", seconds
 
 

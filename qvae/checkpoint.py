@@ -1,17 +1,13 @@
-"""Atomic checkpoints: write to a temporary file in the same directory, fsync, then rename.
-
-A crash mid-write leaves the previous checkpoint intact; readers never see a partial file.
-"""
+"""Checkpoints, written atomically (`qvae.atomic`): a crash mid-write keeps the previous one."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from qvae.atomic import write_atomic
 from qvae.config import Config, ConfigError, validate_config
 
 CHECKPOINT_NAME = "last.pt"
@@ -19,19 +15,8 @@ FORMAT_VERSION = 1
 
 
 def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save({"format_version": FORMAT_VERSION, **state}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda fh: torch.save({"format_version": FORMAT_VERSION, **state},
+                                                    fh))
 
 
 def load(path: str | Path) -> dict[str, Any]:

@@ -177,13 +177,19 @@ def extended_to_u(phi: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- sampling helpers
+def _open_uniform(shape: tuple[int, ...], generator: torch.Generator,
+                  device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    """U(0, 1) kept off both ends, so log U and log(1 − U) stay finite."""
+    p = torch.rand(shape, generator=generator, device=device, dtype=dtype)
+    return p.clamp_(torch.finfo(dtype).tiny, 1 - torch.finfo(dtype).eps)
+
+
 def sample_logistic(
     shape: tuple[int, ...], generator: torch.Generator, *, device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Standard logistic draws log U − log(1 − U): the base law of u (Bernoulli(½) relaxed)."""
-    p = torch.rand(shape, generator=generator, device=device, dtype=dtype)
-    p = p.clamp_(torch.finfo(dtype).tiny, 1 - torch.finfo(dtype).eps)
+    p = _open_uniform(shape, generator, device, dtype)
     return p.log() - torch.log1p(-p)
 
 
@@ -192,9 +198,7 @@ def sample_gumbel(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Standard Gumbel draws −log(−log U)."""
-    p = torch.rand(shape, generator=generator, device=device, dtype=dtype)
-    p = p.clamp_(torch.finfo(dtype).tiny, 1 - torch.finfo(dtype).eps)
-    return -torch.log(-torch.log(p))
+    return -torch.log(-torch.log(_open_uniform(shape, generator, device, dtype)))
 
 
 @torch.no_grad()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import threading
 from pathlib import Path
 
+from qvae.atomic import write_bytes_atomic
 from qvae.service.settings import KeyConfig
 
 
@@ -42,7 +42,5 @@ class Ledger:
         with self.lock:
             self.spent[name] = self.spent.get(name, 0.0) + seconds
             if self.path is not None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = self.path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(self.spent, indent=1, sort_keys=True))
-                os.replace(tmp, self.path)
+                write_bytes_atomic(self.path, json.dumps(self.spent, indent=1,
+                                                         sort_keys=True).encode())

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import threading
 import time
 import uuid
@@ -24,6 +23,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from qvae.atomic import write_bytes_atomic
 
 FINAL = ("done", "failed")
 # An idempotent retry within this window gets the same answer again (a client retries after a
@@ -253,12 +254,7 @@ class Scheduler:
         meta = {"owner": job.owner, "backend": job.backend, "resource": job.resource,
                 "idempotency_key": job.idempotency_key}
         body = job.status_json()[:-1] + b',"meta":' + json.dumps(meta).encode() + b"}"
-        tmp = self._path(job.id).with_suffix(".tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(body)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self._path(job.id))
+        write_bytes_atomic(self._path(job.id), body)
 
     def _unpersist(self, job_id: str) -> None:
         if self.jobs_dir is not None:
