@@ -188,9 +188,9 @@ class Service:
         return work, inline
 
     def backends_for(self, key: KeyConfig) -> BackendList:
-        out = {}
+        out, status = {}, backends.registry.availability()
         for name in self.config.served_backends():
-            ok, why = backends.registry.availability().get(name, (False, "unknown"))
+            ok, why = status[name]
             cls = sampler_class(name)
             out[name] = BackendInfo(available=ok, reason=why, allowed=key.may_use(name),
                                     binary=cls.binary,
