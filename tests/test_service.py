@@ -18,7 +18,7 @@ from qvae.service.testing import running_service
 
 ALICE, BOB = "alice-secret-key", "bob-secret-key0"
 KEYS = [{"name": "alice", "key": ALICE},
-        {"name": "bob", "key": BOB, "backends": ["gibbs", "dwave"], "qpu_budget_s": 1e-9}]
+        {"name": "bob", "key": BOB, "backends": ["gibbs", "dwave"], "qpu_budget_s": 0.025}]
 EMULATOR = {"dwave": {"options": {"solver": "emulator", "beta_eff": 6.0},
                       "locked": ["solver"]}}
 
@@ -52,8 +52,8 @@ def metric(text, name, **labels):
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
-    ledger = tmp_path_factory.mktemp("svc") / "ledger.json"
-    with running_service({"keys": KEYS, "backends": EMULATOR, "ledger_path": str(ledger),
+    state = tmp_path_factory.mktemp("svc") / "state.sqlite"
+    with running_service({"keys": KEYS, "backends": EMULATOR, "state_db": str(state),
                           "limits": {"max_body_bytes": 200_000, "max_num_samples": 50_000,
                                      "max_variables": 64, "cpu_workers": 2,
                                      "inline_max_work": 400_000}}) as base:
@@ -85,10 +85,10 @@ def test_general_bqm_is_sampled_exactly(url):
     r = httpx.post(f"{url}/v1/sample", headers=auth(), json={
         "backend": "exact", "num_samples": n, "bqm": bqm.to_serializable(), "seed": 2})
     assert r.status_code == 200, r.text
-    body = r.json()
-    assert body["vartype"] == "SPIN" and body["variables"] == ["a", "b", "c"]
-    samples = np.array(body["samples"])
-    assert np.allclose(body["energies"], bqm.energies((samples, ["a", "b", "c"])))
+    ss = dimod.SampleSet.from_serializable(r.json())  # BQM results are dimod's own format
+    assert ss.vartype is dimod.SPIN and list(ss.variables) == ["a", "b", "c"]
+    samples = ss.record.sample
+    assert np.allclose(ss.record.energy, bqm.energies((samples, ["a", "b", "c"])))
     states = [(a, b, c) for a in (-1, 1) for b in (-1, 1) for c in (-1, 1)]
     p = np.exp([-bqm.energy(dict(zip("abc", s, strict=True))) for s in states])
     p /= p.sum()
@@ -108,9 +108,9 @@ def test_bipartite_bqm_goes_through_any_backend(url):
     r = httpx.post(f"{url}/v1/sample", headers=auth(), json={
         "backend": "gibbs", "num_samples": 20000, "bqm": bqm.to_serializable(), "seed": 5})
     assert r.status_code == 200, r.text
-    body = r.json()
-    samples = np.array(body["samples"])
-    assert set(np.unique(samples)) <= {-1, 1} and body["variables"][0] == "x0"
+    ss = dimod.SampleSet.from_serializable(r.json())
+    samples = ss.record.sample[:, [ss.variables.index(f"x{i}") for i in range(8)]]
+    assert set(np.unique(samples)) <= {-1, 1}
     visible = torch.tensor((samples[:, :5] + 1) / 2)
     p = exact_visible_marginal(rbm.float64_copy())
     assert total_variation(visible, p) <= tv_tolerance(p, 20000)
@@ -388,16 +388,18 @@ def test_train_against_a_shared_service(url, tmp_path, monkeypatch, target):
 
 
 def test_private_metrics_and_persistent_ledger(tmp_path):
-    ledger = tmp_path / "ledger.json"
+    from qvae.service.store import SQLiteStore
+
+    state = tmp_path / "state.sqlite"
     config = {"keys": KEYS, "backends": EMULATOR, "metrics_public": False,
-              "ledger_path": str(ledger)}
+              "state_db": str(state)}
     body = sample_body(random_rbm(3, 3, seed=2), backend="dwave", num_samples=10)
     with running_service(config) as base:
         assert httpx.get(f"{base}/metrics").status_code == 401
         assert httpx.get(f"{base}/metrics", headers=auth()).status_code == 200
         assert httpx.post(f"{base}/v1/sample", json=body, headers=auth(BOB),
                           timeout=60).status_code == 200
-    assert json.loads(ledger.read_text())["bob"] > 0
+    assert SQLiteStore(state).used("key:bob") > 0
     with running_service(config) as base:  # a restart does not refill bob's budget
         r = httpx.post(f"{base}/v1/sample", json=body, headers=auth(BOB))
         assert r.status_code == 429 and "budget" in r.json()["detail"]

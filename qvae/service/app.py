@@ -7,6 +7,7 @@ queued, so no worker — and no QPU second — is spent on a request that was go
 
 import asyncio
 import json
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -22,10 +23,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 
 import backends
-from backends.base import Sampler
+from backends.base import ProblemShape, Sampler
 from backends.bqm import NotBipartite, bipartition, sample_bqm
+from backends.dwave import QPUBudgetExceeded
 from backends.registry import option_names, sampler_class
-from qvae.service.accounts import Keys, Ledger
+from qvae.rbm import RBM
+from qvae.service.accounts import Keys, Ledger, Reservation
 from qvae.service.guard import Guard
 from qvae.service.jobs import Job, Scheduler, ServiceError
 from qvae.service.metrics import Metrics
@@ -48,34 +51,103 @@ from qvae.service.schemas import (
     SampleResult,
 )
 from qvae.service.settings import QPU_BACKENDS, KeyConfig, ServiceConfig
+from qvae.service.store import SQLiteStore, Store, StoreError, key_account
 
+#: The service limit each quantity of a backend's work model is held to (`Sampler.work`).
+WORK_LIMITS = {"work": "max_work", "state_bytes": "max_state_bytes",
+               "enumerated_states": "max_enumerated_states", "qpu_seconds": "max_request_qpu_s",
+               "seconds": "max_job_seconds"}
 OPEN_KEY = KeyConfig(key="no-auth-open", name="anonymous")  # require_auth: false
 SHARED_SAMPLERS = 8  # QPU samplers kept warm (embedding, β_eff) per distinct option set
+# the service's ledger counts QPU time, not each cached sampler: these stay out of the sampler
+SERVICE_BUDGET_OPTIONS = ("qpu_time_budget_s", "on_budget")
+RESULT_OVERHEAD_BYTES = 64 * 2**10  # a result's info, labels and framing, beyond its arrays
+
+
+def result_bytes_bound(num_samples: int, n_vars: int, continuous: bool, body_bytes: int) -> int:
+    """Upper bound of an encoded SampleResult: per sample a row of "-1," (3 bytes a variable),
+    an energy (≤ 26 bytes with its comma), 25 bytes a float of `continuous`; the request body
+    bounds the variable labels."""
+    per_sample = 3 * n_vars + 28 + (25 * n_vars + 2 if continuous else 0)
+    return num_samples * per_sample + RESULT_OVERHEAD_BYTES + body_bytes
 
 
 class Service:
     """State shared by the endpoints: keys, ledger, scheduler, metrics, warm QPU samplers."""
 
-    def __init__(self, config: ServiceConfig):
+    def __init__(self, config: ServiceConfig, store: Store | None = None):
+        """`store`: the ledger and job index (default: SQLite at `state_db`, or in memory)."""
         self.config = config
         self.keys = Keys(config.all_keys())
         if config.require_auth and not len(self.keys):
             raise ValueError("no API keys: put keys in the service config or set QVAE_API_KEYS "
                              "(comma-separated), or set require_auth: false for a private "
                              "loopback service")
-        self.ledger = Ledger(config.ledger_path)
+        self.store = store if store is not None else SQLiteStore(config.state_db)
+        self.store.release_dead()  # holds of a crashed predecessor would block budgets forever
+        if config.ledger_path is not None:
+            self._import_ledger(config.ledger_path)
+        server_budget = config.policy("dwave").options.get("qpu_time_budget_s")
+        if server_budget is not None and not (isinstance(server_budget, (int, float))
+                                              and server_budget > 0):
+            raise ValueError(f"backends.dwave.options.qpu_time_budget_s must be a number > 0 "
+                             f"(QPU seconds for the whole service), got {server_budget!r}")
+        self.ledger = Ledger(self.store, server_budget)
+        self.result_lock = threading.Lock()
+        self.result_pending = 0  # bytes of results of admitted jobs not yet stored (bounds)
         self.metrics = Metrics()
         lim = config.limits
         self.scheduler = Scheduler({"cpu": (lim.cpu_workers, lim.cpu_queue),
                                     "qpu": (1, lim.qpu_queue)},
-                                   config.job_ttl_s, config.jobs_dir,
-                                   initializer=lambda: torch.set_num_threads(lim.torch_threads))
+                                   config.job_ttl_s, self.store,
+                                   initializer=lambda: torch.set_num_threads(lim.torch_threads),
+                                   max_job_seconds=lim.max_job_seconds)
         for name, res in self.scheduler.resources.items():
             self.metrics.watch(name, lambda r=res: r.outstanding - r.running,
                                lambda r=res: r.running)
         self.metrics.jobs_stored.set_function(lambda: len(self.scheduler.jobs))
         self.shared: OrderedDict[str, tuple[Sampler, threading.Lock]] = OrderedDict()
         self.shared_lock = threading.Lock()
+
+    def _import_ledger(self, path: Any) -> None:
+        """Carry an old JSON ledger's spent seconds into the store once, then rename it."""
+        if not path.is_file():
+            return
+        try:
+            seconds = {key_account(str(k)): float(v) for k, v in
+                       json.loads(path.read_text()).items()}
+        except (OSError, ValueError, AttributeError, TypeError) as exc:
+            raise StoreError(f"the old QPU ledger {path} (ledger_path) is unreadable ({exc}): "
+                             "fix it, or remove ledger_path from the service config") from None
+        done = path.with_name(path.name + ".imported")
+        path.rename(done)  # first: a crash in between loses the import rather than doubling it
+        self.store.add_used(seconds)
+        print(f"qvae serve: imported the QPU ledger {path} into {self.config.state_db}; "
+              f"the old file is now {done}", file=sys.stderr)
+
+    def reserve_result_space(self, req: SampleRequest, body_bytes: int) -> int:
+        """Hold room for a fetch-by-id job's result under limits.max_stored_result_bytes, or
+        raise 429: unfetched results never pile up past the cap (they are refused, not
+        evicted). Returns the bytes held; give them back with `release_result_space`."""
+        n_vars = problem_size(req.rbm, req.bqm)
+        bound = result_bytes_bound(req.num_samples, n_vars, req.return_continuous, body_bytes)
+        cap = self.config.limits.max_stored_result_bytes
+        with self.result_lock:
+            stored = self.store.result_bytes()
+            if stored + self.result_pending + bound > cap:
+                raise ServiceError(
+                    429, f"stored results not yet fetched ({stored / 2**20:.1f} MiB) and those "
+                    f"of jobs running ({self.result_pending / 2**20:.1f} MiB) leave no room for "
+                    f"this job's (up to {bound / 2**20:.1f} MiB) under the service's "
+                    f"limits.max_stored_result_bytes ({cap / 2**20:.1f} MiB): fetch finished "
+                    "jobs (GET /v1/jobs/ID), ask for fewer samples, or retry later",
+                    {"Retry-After": "10"})
+            self.result_pending += bound
+        return bound
+
+    def release_result_space(self, held: int) -> None:
+        with self.result_lock:
+            self.result_pending -= held
 
     # ----------------------------------------------------------------- request checks
     def caller(self, creds: HTTPAuthorizationCredentials | None) -> KeyConfig:
@@ -95,6 +167,7 @@ class Service:
         try:
             if backend not in QPU_BACKENDS:
                 return backends.get_sampler(backend, **options), threading.Lock()
+            options = {k: v for k, v in options.items() if k not in SERVICE_BUDGET_OPTIONS}
             ident = json.dumps(options, sort_keys=True, default=str)
             with self.shared_lock:
                 if ident not in self.shared:
@@ -125,7 +198,7 @@ class Service:
         for what, value, limit in (("num_samples", req.num_samples, lim.max_num_samples),
                                    ("variables", n_vars, lim.max_variables),
                                    ("num_samples × variables", req.num_samples * n_vars,
-                                    lim.max_work)):
+                                    lim.max_result_values)):
             if value > limit:
                 raise ServiceError(413, f"{what} = {value} is over this service's limit of "
                                    f"{limit}; split the request")
@@ -134,11 +207,21 @@ class Service:
         if locked:
             raise ServiceError(403, f"option(s) {locked} of backend {req.backend!r} are fixed by "
                                "the service and may not be set by clients")
+        budgeted = sorted(set(req.options) & set(SERVICE_BUDGET_OPTIONS))
+        if req.backend in QPU_BACKENDS and budgeted:
+            raise ServiceError(403, f"option(s) {budgeted} of backend {req.backend!r} belong to "
+                               "the service: its QPU budgets are the keys' qpu_budget_s and the "
+                               "service's qpu_time_budget_s")
         valid = option_names(req.backend)
         for name in req.options:
             if name not in valid:
                 raise field_error(["options", name], f"unknown option {name!r} for backend "
                                   f"{req.backend!r}; valid options: {valid}")
+        if req.backend == "dimod":  # `sampler` names code to import: only the allowlist's
+            path = {**policy.options, **req.options}.get("sampler")
+            if path not in cfg.dimod_samplers:
+                raise ServiceError(403, f"sampler {path!r} of backend 'dimod' is not in this "
+                                   f"service's dimod_samplers allowlist {cfg.dimod_samplers}")
         sampler, lock = self.sampler(req.backend, {**policy.options, **req.options})
         if req.rbm is not None:
             problem: Any = build_rbm(req.rbm)
@@ -150,13 +233,14 @@ class Service:
                 if not hasattr(sampler, "sample_general_bqm"):
                     raise field_error(["bqm"], f"{exc}; backend {req.backend!r} samples RBMs "
                                       "only, use 'neal' or 'exact' for a general BQM") from None
-        budget = key.qpu_budget_s
-        if req.backend in QPU_BACKENDS and budget is not None:
-            used = self.ledger.used(key.label())
-            if used >= budget:
-                raise ServiceError(429, f"QPU-time budget exhausted for key {key.label()!r}: "
-                                   f"{used:.3f} s used of {budget:g} s. Ask the service's "
-                                   "operator to raise qpu_budget_s, or use a CPU backend.")
+        self.check_work(req.backend, {**policy.options, **req.options}, problem,
+                        req.num_samples)
+        reservation: Reservation | None = None
+        if req.backend in QPU_BACKENDS:
+            # the request's whole QPU cost (calibration, read splits, spin-reversal transforms,
+            # annealing_time) is held atomically against the key's and the service's budgets
+            estimate = sampler.estimate_qpu_seconds(req.num_samples)  # type: ignore[attr-defined]
+            reservation = self.ledger.reserve(key, estimate)
         inline = req.mode == "inline" or (req.mode == "auto" and
                                           req.num_samples * n_vars <= lim.inline_max_work)
 
@@ -164,15 +248,22 @@ class Service:
             started = time.time()
             try:
                 with lock:
-                    if req.rbm is not None:
-                        out: Any = sampler.sample(problem, req.num_samples, seed=req.seed)
-                    else:
-                        out = sample_bqm(sampler, problem, req.num_samples, seed=req.seed)
+                    if reservation is not None:  # checked before, charged after, each QPU call
+                        sampler.meter = reservation  # type: ignore[attr-defined]
+                    try:
+                        if req.rbm is not None:
+                            out: Any = sampler.sample(problem, req.num_samples, seed=req.seed)
+                        else:
+                            out = sample_bqm(sampler, problem, req.num_samples, seed=req.seed)
+                    finally:
+                        if reservation is not None:
+                            sampler.meter = None  # type: ignore[attr-defined]
+            except QPUBudgetExceeded as exc:  # spent by others since admission
+                raise ServiceError(429, str(exc)) from None
             except (ValueError, TypeError) as exc:  # e.g. exact on a too-large RBM
                 raise field_error(["rbm" if req.rbm is not None else "bqm"],
                                   f"backend {req.backend!r} refused the problem: {exc}") from None
             qpu = float(out.info.get("qpu_access_time_s") or 0.0)
-            self.ledger.charge(key.label(), qpu)
             if qpu:
                 self.metrics.qpu_seconds.labels(key.label()).inc(qpu)
             served_by = str(out.info.get("served_by", req.backend))
@@ -185,7 +276,66 @@ class Service:
                      "started_at": started, "finished_at": finished}
             return encode(job.id, req.backend, out, extra, req.return_continuous)
 
+        work.reservation = reservation  # type: ignore[attr-defined]  # released by admit()
         return work, inline
+
+    def check_work(self, backend: str, options: dict[str, Any], problem: Any,
+                   num_samples: int) -> None:
+        """413 when the backend's work model prices the request over a limit, naming the
+        options that drive it, their values and the limit (options already validated)."""
+        if isinstance(problem, RBM):
+            shape = ProblemShape(problem.n_visible, problem.n_hidden,
+                                 problem.n_visible * problem.n_hidden)
+        else:
+            try:
+                visible, hidden = bipartition(problem)
+                shape = ProblemShape(len(visible), len(hidden), problem.num_interactions)
+            except NotBipartite:
+                shape = ProblemShape(problem.num_variables, 0, problem.num_interactions, False)
+        lim = self.config.limits
+        costs = sampler_class(backend).work(options, shape, num_samples)
+        for quantity, cost in costs.items():
+            field = WORK_LIMITS[quantity]
+            limit = getattr(lim, field)
+            if cost.value > limit:
+                exc = ServiceError(413, f"backend {backend!r}: {quantity} = {cost.value:.4g} "
+                                   f"[{cost.formula}] is over this service's limit "
+                                   f"limits.{field} = {limit:.4g}; lower "
+                                   f"{' or '.join(cost.options)}")
+                exc.body = {"limit": field, "limit_value": limit,  # type: ignore[attr-defined]
+                            "value": cost.value, "options": list(cost.options)}
+                raise exc
+
+    def admit(self, req: SampleRequest, key: KeyConfig, body_bytes: int,
+              idempotency_key: str | None) -> Job:
+        """Plan, hold the QPU budget and result space, and submit; the holds are released once
+        the job is final. A retry of an admitted request gets its job back and holds nothing
+        (a second hold could refuse the very request whose first attempt is paid for)."""
+        if idempotency_key is not None:
+            known = self.scheduler.find(key.label(), idempotency_key)
+            if known is not None:
+                return known
+        work, inline = self.plan(req, key)
+        resource = "qpu" if req.backend in QPU_BACKENDS else "cpu"
+        reservation: Reservation | None = getattr(work, "reservation", None)
+        held = 0
+
+        def release(_: Any = None) -> None:  # once the job is final (or never admitted)
+            if reservation is not None:
+                reservation.release()
+            if held:
+                self.release_result_space(held)
+
+        try:
+            if not inline:
+                held = self.reserve_result_space(req, body_bytes)
+            job = self.scheduler.submit(key.label(), req.backend, resource, work,
+                                        inline=inline, idempotency_key=idempotency_key)
+        except BaseException:
+            release()
+            raise
+        job.done.add_done_callback(release)
+        return job
 
     def backends_for(self, key: KeyConfig) -> BackendList:
         out, status = {}, backends.registry.availability()
@@ -211,7 +361,8 @@ def parse_sample_request(raw: bytes) -> SampleRequest:
 
 
 def error_response(exc: ServiceError) -> JSONResponse:
-    return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
+    body = {"detail": exc.detail, **getattr(exc, "body", {})}  # e.g. the QPU budget's figures
+    return JSONResponse(body, exc.status_code, headers=exc.headers)
 
 
 def job_response(job: Job) -> Response:
@@ -245,7 +396,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
                   "(QPU, simulated annealing, Gibbs, Langevin/MALA) behind one API.")
     app.state.service = service
     app.add_middleware(Guard, max_body_bytes=config.limits.max_body_bytes,
-                       metrics=service.metrics)
+                       metrics=service.metrics, body_timeout_s=config.limits.body_timeout_s)
 
     async def on_service_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, ServiceError)
@@ -279,12 +430,11 @@ def create_app(config: ServiceConfig) -> FastAPI:
                      ) -> Response:
         """Sample an RBM (`rbm`) or a dimod BQM (`bqm`) with `backend`; small requests are
         answered inline, large ones (or `mode: job`) return a job id to poll."""
-        req = parse_sample_request(await request.body())
+        raw = await request.body()
+        req = parse_sample_request(raw)
         request.state.backend = req.backend
-        work, inline = service.plan(req, key)
-        resource = "qpu" if req.backend in QPU_BACKENDS else "cpu"
-        job = service.scheduler.submit(key.label(), req.backend, resource, work,
-                                       inline=inline, idempotency_key=idempotency_key)
+        # in a thread: a hold is a database transaction, which may wait on another writer
+        job = await asyncio.to_thread(service.admit, req, key, len(raw), idempotency_key)
         if not job.inline:
             location = f"/v1/jobs/{job.id}"
             body = JobAccepted(job_id=job.id, status=job.status, location=location)
@@ -312,9 +462,10 @@ def create_app(config: ServiceConfig) -> FastAPI:
     async def job_status(job_id: str, key: Caller) -> Response:
         """A job's state; a finished job's result (or error) is delivered once, then 410."""
         job = service.scheduler.fetch(job_id, key.label())
-        body = job.status_json()
+        # the result is read from the database, off the event loop (it may be large)
+        body = job.status_json(await asyncio.to_thread(service.scheduler.result_of, job))
         if job.status in ("done", "failed"):
-            service.scheduler.deliver(job)
+            await asyncio.to_thread(service.scheduler.deliver, job)
         return Response(body, 200, media_type="application/json")
 
     @app.get("/v1/backends", response_model=BackendList, responses={401: ERRORS[401]})

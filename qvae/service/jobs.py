@@ -5,9 +5,10 @@ Every request becomes a `Job` on one *resource*: "qpu" (one worker: the QPU is o
 `QueueFull` with a Retry-After estimate, so load turns into 429s instead of an unbounded pile.
 
 A job ends exactly once (done or failed) and is delivered once: inline requests get it in their
-response, others fetch it by id, after which only a tombstone remains (410). With `jobs_dir` set,
-job states are written atomically, so results survive a restart and a job cut off by a crash is
-reported as failed rather than lost.
+response, others fetch it by id, after which only a tombstone remains (410). With a `Store`,
+fetch-by-id jobs are kept in its index and their results in it, not in memory: results survive a
+restart (when the store is a file), a job cut off by a crash is reported as failed rather than
+lost, and a restart reads only the index (result bytes load when fetched).
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from qvae.atomic import write_bytes_atomic
+from qvae import cancel
+from qvae.service.store import JobRecord, Store
 
 FINAL = ("done", "failed")
 # An idempotent retry within this window gets the same answer again (a client retries after a
@@ -68,14 +69,17 @@ class Job:
     error: dict[str, Any] | None = None
     done: Future = field(default_factory=Future)  # resolves when the job is final
     delivered_at: float | None = None
+    stored: bool = False  # the result is in the scheduler's store, not in `result`
 
-    def status_json(self) -> bytes:
-        """The JobStatus body; the (possibly large) result is spliced in already encoded."""
+    def status_json(self, result: bytes | None = None) -> bytes:
+        """The JobStatus body; the (possibly large) result is spliced in already encoded
+        (`result`: the one loaded from the store, when the job keeps it there)."""
         head = {"job_id": self.id, "status": self.status, "error": self.error,
                 "submitted_at": self.submitted_at, "started_at": self.started_at,
                 "finished_at": self.finished_at}
         body = json.dumps(head, separators=(",", ":")).encode()
-        result = self.result if self.status == "done" and self.result is not None else b"null"
+        result = result if result is not None else self.result
+        result = result if self.status == "done" and result is not None else b"null"
         return body[:-1] + b',"result":' + result + b"}"
 
 
@@ -97,10 +101,13 @@ class Resource:
 
 class Scheduler:
     def __init__(self, resources: dict[str, tuple[int, int]], ttl_s: float,
-                 jobs_dir: Path | None = None, initializer: Callable[[], Any] | None = None):
-        """`resources`: name -> (workers, queue); `initializer` runs once in each worker."""
+                 store: Store | None = None, initializer: Callable[[], Any] | None = None,
+                 max_job_seconds: float | None = None):
+        """`resources`: name -> (workers, queue); `initializer` runs once in each worker;
+        `store`: where fetch-by-id jobs and their results live (None: in memory, not kept);
+        `max_job_seconds`: wall-time limit of a job, enforced by `qvae.cancel` checks."""
         self.resources = {n: Resource(n, w, q, initializer) for n, (w, q) in resources.items()}
-        self.ttl_s, self.jobs_dir = ttl_s, jobs_dir
+        self.ttl_s, self.store = ttl_s, store
         self.jobs: dict[str, Job] = {}
         self.tombstones: dict[str, tuple[float, str]] = {}  # fetched job id -> (when, owner)
         self.idempotent: dict[tuple[str, str], str] = {}
@@ -108,8 +115,10 @@ class Scheduler:
         self.retained_bytes = 0
         self.lock = threading.Lock()
         self.draining = False
-        if jobs_dir is not None:
-            jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.max_job_seconds = max_job_seconds
+        self.tokens: dict[str, cancel.Token] = {}  # running job id -> its stop token
+        self._drain_deadline: float | None = None
+        if store is not None:
             self._load()
 
     # ------------------------------------------------------------------ submit / run
@@ -142,18 +151,32 @@ class Scheduler:
                 return
             job.status, job.started_at = "running", time.time()
             res.running += 1
+            token = self.tokens[job.id] = cancel.Token(self.max_job_seconds, f"job {job.id}")
         try:
-            result, error = work(job), None
+            with cancel.limit(token=token):
+                result, error = work(job), None
+        except cancel.Cancelled as exc:
+            result, error = None, self._cancelled_error(exc)
         except ServiceError as exc:
             result, error = None, {"status_code": exc.status_code, "detail": exc.detail}
         except Exception as exc:  # noqa: BLE001 - reported to the client, never swallowed
             result, error = None, {"status_code": 500, "detail": f"{type(exc).__name__}: {exc}"}
         with self.lock:
+            self.tokens.pop(job.id, None)
             res.running -= 1
             res.outstanding -= 1
             took = time.time() - job.started_at
             res.mean_seconds += 0.2 * (took - res.mean_seconds)
         self._finish(job, result, error)
+
+    def _cancelled_error(self, exc: cancel.Cancelled) -> dict[str, Any]:
+        if not exc.timed_out:  # a shutdown: drain has already failed the job with its reason
+            return {"status_code": 503, "detail": f"{exc.reason}; submit the request again"}
+        # 413, not 504: the same request would be cut off again, so a client must not retry it
+        return {"status_code": 413, "detail": f"the job exceeded this service's wall-time limit "
+                f"of {self.max_job_seconds:g} s (limits.max_job_seconds) and was stopped; "
+                "ask for less work (num_samples, or the backend's num_sweeps / num_steps / "
+                "burn_in / emulator_sweeps) or split the request"}
 
     def _finish(self, job: Job, result: bytes | None, error: dict[str, Any] | None) -> None:
         with self.lock:
@@ -177,7 +200,8 @@ class Scheduler:
                     self.retained_bytes += self.retained[job.id]
                     while self.retained_bytes > RETAIN_MAX_BYTES:
                         self._forget(self.jobs[next(iter(self.retained))])
-        self._unpersist(job.id)
+        if not job.inline:  # inline jobs are never stored
+            self._unpersist(job.id)
 
     def fetch(self, job_id: str, owner: str) -> Job:
         """The job if `owner` submitted it; ServiceError 404 (unknown/expired) or 410 (fetched)."""
@@ -195,6 +219,18 @@ class Scheduler:
         raise ServiceError(404, f"no job {job_id} for this key (unknown, or expired after "
                            f"{self.ttl_s:g} s)")
 
+    def find(self, owner: str, idempotency_key: str) -> Job | None:
+        """The job `owner` already submitted under this idempotency key, if it is still kept."""
+        with self.lock:
+            return self.jobs.get(self.idempotent.get((owner, idempotency_key), ""))
+
+    def result_of(self, job: Job) -> bytes | None:
+        """A job's result bytes, from memory or (loaded now) from the store."""
+        result = job.result  # read once: _persist may drop it from memory meanwhile
+        if result is None and job.stored and self.store is not None:
+            result = self.store.job_result(job.id)
+        return result
+
     def _forget(self, job: Job) -> None:
         """Drop a job; fetched-by-id jobs leave a tombstone so a second fetch says 410."""
         self.jobs.pop(job.id, None)
@@ -206,19 +242,20 @@ class Scheduler:
 
     def expire(self) -> int:
         """Drop unfetched results past the TTL, old tombstones and retained answers."""
-        now, dropped = time.time(), 0
+        now, gone = time.time(), []
         with self.lock:
             for job in list(self.jobs.values()):
                 if job.delivered_at is not None and now - job.delivered_at > RETAIN_DELIVERED_S:
                     self._forget(job)
                 elif job.finished_at is not None and now - job.finished_at > self.ttl_s:
                     self._forget(job)
-                    self._unpersist(job.id)
-                    dropped += 1
+                    gone.append(job.id)
             for job_id, (when, _) in list(self.tombstones.items()):
                 if now - when > self.ttl_s:
                     del self.tombstones[job_id]
-        return dropped
+        if self.store is not None:
+            self.store.delete_jobs(gone)  # one transaction for all of them
+        return len(gone)
 
     # ---------------------------------------------------------------------- shutdown
     def counts(self) -> tuple[int, int]:
@@ -228,66 +265,70 @@ class Scheduler:
             return sum(r.outstanding for r in self.resources.values()) - running, running
 
     def drain(self, grace_s: float) -> None:
-        """Admit nothing more; let work finish for `grace_s`, then fail what is left, cleanly."""
+        """Admit nothing more; let work finish for `grace_s`, then fail what is left, cleanly,
+        and tell running work to stop at its next `qvae.cancel` check. Calling it again (the
+        signal handler and the app's shutdown both do) waits for the first call's deadline."""
         with self.lock:
             self.draining = True
-        deadline = time.monotonic() + grace_s
+            if self._drain_deadline is None:
+                self._drain_deadline = time.monotonic() + grace_s
+            deadline = self._drain_deadline
         while sum(self.counts()) and time.monotonic() < deadline:
             time.sleep(0.02)
         with self.lock:
             leftover = [j for j in self.jobs.values() if j.status not in FINAL]
+            tokens = list(self.tokens.values())
         for job in leftover:
             where = "before it started" if job.status == "queued" else "while it ran"
             self._finish(job, None, {"status_code": 503, "detail": f"the service shut down "
                                      f"{where}; submit the request again"})
+        for token in tokens:
+            token.cancel("the service shut down while the job ran")
         for res in self.resources.values():
             res.executor.shutdown(wait=False, cancel_futures=True)
 
-    # --------------------------------------------------------------------- persistence
-    def _path(self, job_id: str) -> Path:
-        assert self.jobs_dir is not None
-        return self.jobs_dir / f"{job_id}.json"
+    def stuck_workers(self) -> int:
+        """Jobs still running after `drain` (their threads ignore or have not reached a
+        cancellation check, e.g. inside one long native call)."""
+        with self.lock:
+            return sum(r.running for r in self.resources.values())
 
+    # --------------------------------------------------------------------- persistence
     def _persist(self, job: Job) -> None:
-        if self.jobs_dir is None or job.inline:
+        """Write a fetch-by-id job's index row; a final result goes to the store and leaves
+        memory (unfetched results cost disk, not resident memory)."""
+        if self.store is None or job.inline:
             return
-        meta = {"owner": job.owner, "backend": job.backend, "resource": job.resource,
-                "idempotency_key": job.idempotency_key}
-        body = job.status_json()[:-1] + b',"meta":' + json.dumps(meta).encode() + b"}"
-        write_bytes_atomic(self._path(job.id), body)
+        result = job.result if job.status == "done" else None
+        record = JobRecord(job.id, job.owner, job.backend, job.resource, job.idempotency_key,
+                           job.status, job.submitted_at, job.started_at, job.finished_at,
+                           job.error, len(result or b""))
+        self.store.put_job(record, result)
+        if result is not None:
+            job.stored = True  # before dropping `result`: see result_of
+            job.result = None
 
     def _unpersist(self, job_id: str) -> None:
-        if self.jobs_dir is not None:
-            self._path(job_id).unlink(missing_ok=True)
+        if self.store is not None:
+            self.store.delete_jobs([job_id])
 
     def _load(self) -> None:
-        """Jobs a previous process left: results stay fetchable; unfinished ones failed."""
-        assert self.jobs_dir is not None
+        """Jobs a previous process left: results stay fetchable; unfinished ones failed. Reads
+        the index only, in a few statements, whatever the number of stored jobs."""
+        assert self.store is not None
         now = time.time()
-        for path in sorted(self.jobs_dir.glob("*.json")):
-            try:
-                saved = json.loads(path.read_text())
-            except (OSError, ValueError):
-                path.unlink(missing_ok=True)
+        records = self.store.adopt_jobs({"status_code": 503, "detail": "the service stopped "
+                                         "before this job finished; submit the request again"},
+                                        now)
+        expired = {r.id for r in records if now - (r.finished_at or now) > self.ttl_s}
+        self.store.delete_jobs(sorted(expired))
+        for r in records:
+            if r.id in expired:
                 continue
-            meta = saved["meta"]
-            job = Job(saved["job_id"], meta["owner"], meta["backend"], meta["resource"], False,
-                      meta.get("idempotency_key"), submitted_at=saved["submitted_at"],
-                      started_at=saved["started_at"], finished_at=saved["finished_at"])
-            if saved["status"] in FINAL:
-                job.status, job.error = saved["status"], saved["error"]
-                result = saved.get("result")
-                job.result = None if result is None else json.dumps(
-                    result, separators=(",", ":")).encode()
-            else:
-                job.status, job.finished_at = "failed", now
-                job.error = {"status_code": 503, "detail": "the service stopped before this "
-                             "job finished; submit the request again"}
-            if now - job.finished_at > self.ttl_s:
-                path.unlink(missing_ok=True)
-                continue
+            job = Job(r.id, r.owner, r.backend, r.resource, False, r.idempotency_key,
+                      status=r.status, submitted_at=r.submitted_at, started_at=r.started_at,
+                      finished_at=r.finished_at, error=r.error, stored=r.size > 0)
             job.done.set_result(None)
             self.jobs[job.id] = job
             if job.idempotency_key is not None:
                 self.idempotent[(job.owner, job.idempotency_key)] = job.id
-            self._persist(job)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -19,8 +19,20 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
                    60, 300)
 
 
+OTHER = "other"  # the label value of every name outside the server's own vocabulary
+
+
 class Metrics:
-    def __init__(self) -> None:
+    """Label values come from the server's own vocabulary only (backend names it registers,
+    endpoint templates, status codes, key names from its config): a client-chosen string would
+    add a series per request, growing memory and putting the client's text into /metrics."""
+
+    def __init__(self, backends: Iterable[str] | None = None) -> None:
+        if backends is None:
+            from backends.registry import registered
+
+            backends = registered()
+        self.backend_names = frozenset(backends)
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("qvae_requests", "HTTP requests answered",
@@ -39,6 +51,10 @@ class Metrics:
                                registry=r)
         self.fallbacks = Counter("qvae_fallbacks", "calls a fallback backend served",
                                  ["backend"], registry=r)
+
+    def backend_label(self, name: str) -> str:
+        """`name` if this server knows the backend, `other` if not, "" when there is none."""
+        return name if not name or name in self.backend_names else OTHER
 
     def watch(self, resource: str, queued: Callable[[], float],
               running: Callable[[], float]) -> None:

@@ -80,16 +80,24 @@ def jsonable(obj: Any) -> Any:
 
 def encode(request_id: str, backend: str, out: SampleSet | BQMSamples,
            extra_info: dict[str, Any], with_continuous: bool) -> bytes:
-    """The SampleResult body as compact JSON bytes."""
+    """The result body as compact JSON bytes: a SampleResult for an RBM, and for a BQM
+    `dimod.SampleSet.to_serializable()` plus request_id, backend and served_by."""
     if isinstance(out, SampleSet):
         samples = out.states.detach().cpu().to(torch.int8).numpy()
         energies = out.energy.detach().cpu().double().numpy()
         variables: list[Any] = list(range(samples.shape[1]))
         vartype, num_visible = "BINARY", out.visible.shape[1]
         cont = None if out.continuous is None else out.continuous.detach().cpu().numpy()
-    else:
-        samples, energies, variables = out.samples, out.energies, out.variables
-        vartype, num_visible, cont = out.vartype, None, out.continuous
+    else:  # a BQM: dimod's own format, so dimod.SampleSet.from_serializable(body) loads it
+        info = {**out.info, **extra_info}
+        served_by = str(info.setdefault("served_by", backend))
+        if with_continuous and out.continuous is not None:
+            info["continuous"] = out.continuous
+        sampleset = dimod.SampleSet.from_samples(
+            (out.samples, out.variables), out.vartype, energy=out.energies,
+            info=jsonable(info), sort_labels=False)
+        return orjson.dumps({**sampleset.to_serializable(), "request_id": request_id,
+                             "backend": backend, "served_by": served_by})
     info = {**out.info, **extra_info}
     served_by = str(info.setdefault("served_by", backend))
     body = {"request_id": request_id, "backend": backend, "served_by": served_by,

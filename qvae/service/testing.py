@@ -20,6 +20,7 @@ import uvicorn
 
 from qvae.service.app import create_app
 from qvae.service.settings import ServiceConfig
+from qvae.service.transport import uvicorn_config
 
 
 def free_port() -> int:
@@ -35,8 +36,9 @@ def running_service(config: ServiceConfig | dict[str, Any], *, startup_timeout_s
     if isinstance(config, dict):
         config = ServiceConfig.model_validate(config)
     app = create_app(config)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(),
-                                           log_level="warning", access_log=False))
+    server = uvicorn.Server(uvicorn_config(app, config.limits, host="127.0.0.1",
+                                           port=free_port(), log_level="warning",
+                                           access_log=False))
     thread = threading.Thread(target=server.run, name="qvae-test-service", daemon=True)
     thread.start()
     deadline = time.monotonic() + startup_timeout_s
