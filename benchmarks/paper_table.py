@@ -1,0 +1,203 @@
+"""Train one cell of the DVAE# MNIST table (structure × objective) and print the table.
+
+    python benchmarks/paper_table.py train 1-layer-nonlin            # k = 1, from the start
+    python benchmarks/paper_table.py train 1-layer-nonlin --resume   # continue it exactly
+    python benchmarks/paper_table.py train 2-layer-nonlin --k 5      # importance-weighted k = 5
+    python benchmarks/paper_table.py table                           # the table of all cells
+
+A cell trains `configs/paper/<structure>.yaml` (the reference protocol: 10⁶ steps, validation
+NLL every 20,000 steps selecting `best.pt`, test NLL with K = 4,000 and AIS log Z) in
+`runs/paper/<cell>/`, and keeps `benchmarks/paper/<cell>.json` current: the validation NLL
+against steps (the curve), steps done, training seconds, steps/second, the machine, the exact
+command and, once the run is complete, the test evaluation of the selected checkpoint.
+A run is "complete" only when it reached the protocol's step count with no --set overrides;
+anything else is labelled "in progress" or "not the protocol" in the JSON and the table.
+
+--minutes N stops the run cleanly (checkpoint written) after N minutes; SIGTERM does the same,
+so a run killed by the end of a session resumes exactly with --resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import signal
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+STRUCTURES = ("1-layer-lin", "1-layer-nonlin", "2-layer-nonlin", "4-layer-nonlin")
+JSON_DIR = ROOT / "benchmarks/paper"
+RUN_ROOT = ROOT / "runs/paper"
+
+
+def cell_name(structure: str, k: int) -> str:
+    return f"{structure}-k{k}"
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {"host_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def write_report(cell: str, cfg, run_dir: Path, *, command: str, protocol: bool,
+                 step: int, train_seconds: float, evaluation: dict | None,
+                 json_dir: Path) -> Path:
+    """benchmarks/paper/<cell>.json from the run directory's validation rows and the state."""
+    from qvae.atomic import write_bytes_atomic
+
+    curve = [{k: r.get(k) for k in ("step", "nll", "nll_stderr_examples", "log_z", "log_z_std",
+                                    "log_z_method", "num_examples", "num_iw", "seconds")}
+             for r in _rows(run_dir / "validation.jsonl")]
+    done = step >= cfg.train.steps
+    status = "complete" if done and protocol else ("in progress" if protocol else
+                                                   "not the protocol")
+    report = {
+        "cell": cell,
+        "structure": cell.rsplit("-k", 1)[0],
+        "objective": "k=1 bound" if cfg.train.num_iw == 1 else
+                     f"importance-weighted bound, k={cfg.train.num_iw}",
+        "status": status,
+        "protocol": protocol,
+        "steps_done": step,
+        "steps_protocol": cfg.train.steps,
+        "train_seconds": train_seconds,
+        "steps_per_second": step / train_seconds if train_seconds > 0 else None,
+        "backend": cfg.backend.name,
+        "machine": machine(),
+        "command": command,
+        "run_dir": str(run_dir),
+        "validation_curve": curve,
+        "best_valid": min(curve, key=lambda r: r["nll"]) if curve else None,
+        "test": evaluation if done else None,
+        "config": cfg.model_dump(mode="json"),
+        "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    path = json_dir / f"{cell}.json"
+    write_bytes_atomic(path, (json.dumps(report, indent=2) + "\n").encode())
+    return path
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from qvae.config import ConfigError, load_config
+    from qvae.train import train
+
+    torch.set_num_threads(args.threads)
+    cell = cell_name(args.structure, args.k)
+    overrides = [f"train.num_iw={args.k}", *args.overrides]
+    try:
+        cfg = load_config(ROOT / f"configs/paper/{args.structure}.yaml", overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    run_dir = args.run_root / cell
+    if not args.resume and (run_dir / "last.pt").exists():
+        print(f"error: {run_dir}/last.pt exists: pass --resume to continue it", file=sys.stderr)
+        return 2
+    command = shlex.join(["python", "benchmarks/paper_table.py", *args.argv])
+    protocol = not args.overrides
+    deadline = time.monotonic() + 60 * args.minutes if args.minutes else math.inf
+
+    def on_step(step: int, row: dict[str, Any]) -> None:
+        if cfg.train.validate_every and step % cfg.train.validate_every == 0:
+            write_report(cell, cfg, run_dir, command=command, protocol=protocol, step=step,
+                         train_seconds=row["train_seconds"], evaluation=None,
+                         json_dir=args.json_dir)
+        if time.monotonic() > deadline:
+            raise KeyboardInterrupt  # train() writes the checkpoint and returns
+
+    def on_term(signum, frame):  # a session's end: stop like Ctrl-C, with a checkpoint
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        result = train(cfg, run_dir, resume=args.resume, progress=args.progress,
+                       callback=on_step)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    path = write_report(cell, cfg, run_dir, command=command, protocol=protocol,
+                        step=result.step, train_seconds=result.train_seconds,
+                        evaluation=result.evaluation, json_dir=args.json_dir)
+    rate = result.step / result.train_seconds if result.train_seconds else float("nan")
+    state = "stopped (resume with --resume)" if result.interrupted else "finished"
+    print(f"{cell}: {state} at step {result.step}/{cfg.train.steps}, {rate:.2f} steps/s; "
+          f"wrote {path}")
+    return 0
+
+
+def _fmt_nll(test: dict | None) -> str:
+    if not test:
+        return "—"
+    return (f"{test['nll']:.2f} ± {test['nll_stderr_examples']:.2f} (IW) "
+            f"± {test.get('log_z_std') or 0.0:.2f} (log Z)")
+
+
+def table(json_dir: Path) -> str:
+    lines = ["| structure | objective | test NLL (nats) | best valid NLL (step) | steps | "
+             "train h | steps/s | machine | status |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for path in sorted(json_dir.glob("*.json")):
+        r = json.loads(path.read_text())
+        best = r.get("best_valid")
+        best_s = f"{best['nll']:.2f} ({best['step']})" if best else "—"
+        m = r["machine"]
+        where = m.get("cuda") or f"{m.get('processor')}, {m.get('torch_threads')} thread(s)"
+        rate = r.get("steps_per_second")
+        hours = r["train_seconds"] / 3600
+        lines.append(
+            f"| {r['structure']} | {r['objective']} | {_fmt_nll(r.get('test'))} | {best_s} | "
+            f"{r['steps_done']:,} / {r['steps_protocol']:,} | {hours:.2f} | "
+            f"{f'{rate:.1f}' if rate else '—'} | {where} | {r['status']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train (or --resume) one cell")
+    t.add_argument("structure", choices=STRUCTURES)
+    t.add_argument("--k", type=int, default=1, help="training objective: 1, or IW with k > 1")
+    t.add_argument("--resume", action="store_true", help="continue runs/paper/<cell>")
+    t.add_argument("--minutes", type=float, help="stop cleanly (checkpoint) after N minutes")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override; the cell is then labelled 'not the protocol'")
+    t.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    t.add_argument("--run-root", type=Path, default=RUN_ROOT)
+    t.add_argument("--json-dir", type=Path, default=JSON_DIR)
+    t.add_argument("--progress", action="store_true", help="show a progress bar")
+    s = sub.add_parser("table", help="print the table of benchmarks/paper/*.json")
+    s.add_argument("--json-dir", type=Path, default=JSON_DIR)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = p.parse_args(argv)
+    args.argv = argv
+    if args.command == "train":
+        if not 1 <= args.k <= 1000:
+            p.error("--k must be between 1 and 1000")
+        if args.minutes is not None and not args.minutes > 0:
+            p.error("--minutes must be > 0")
+        return cmd_train(args)
+    print(table(args.json_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
