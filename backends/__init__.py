@@ -1,4 +1,4 @@
-"""Pluggable samplers for an RBM prior: exact, gibbs, neal (and later dwave, langevin, mala).
+"""Pluggable samplers for an RBM prior: exact, gibbs, neal, dwave, langevin, mala, remote, dimod.
 
 >>> import backends, qvae
 >>> rbm = qvae.RBM(6, 4, seed=0)
@@ -8,11 +8,13 @@
 """
 
 from backends.base import Sampler, SampleSet
+from backends.ocean import as_dimod
 from backends.registry import availability, available, get_sampler, register, registered
 
 __all__ = [
     "SampleSet",
     "Sampler",
+    "as_dimod",
     "availability",
     "available",
     "get_sampler",

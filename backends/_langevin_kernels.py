@@ -6,11 +6,12 @@ density may be None for `ula_step`, which needs only the gradient). The step
 size is a float or a tensor broadcastable to the positions; `mala_step` also takes a function
 of the position returning a per-coordinate step (a position-dependent diagonal preconditioner,
 "simplified manifold MALA"; exactness only needs the MH ratio to use it at both ends).
-Convention (DESIGN.md): the Langevin move is
+Convention (docs/relaxation.md): the Langevin move is
 
     x' = x + Δt ∇log π(x) + √(2Δt) ξ,   ξ ~ N(0, I),
 
-so the proposal density is q(x' | x) = N(x'; x + Δt ∇log π(x), 2Δt I). The notes' α is 2Δt.
+so the proposal density is q(x' | x) = N(x'; x + Δt ∇log π(x), 2Δt I). MALA written with √α ξ
+has α = 2Δt.
 """
 
 from __future__ import annotations

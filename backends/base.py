@@ -8,17 +8,23 @@ once (so no backend spends time on a garbage problem), times the call, and fills
 from __future__ import annotations
 
 import abc
+import inspect
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import dimod
 import torch
 
 from qvae.rbm import RBM
 
 TIMING_KEYS = ("preprocess_s", "sample_s", "postprocess_s", "total_s")
+
+#: Memory a backend allocates for its chain state in one call, beyond which it refuses the
+#: options whatever the caller (a value this big is a mistake or an attack, not a request).
+MAX_STATE_BYTES = 16 * 2**30
 
 
 @dataclass
@@ -44,6 +50,63 @@ class SampleSet:
         return torch.cat([self.visible, self.hidden], dim=1)
 
 
+@dataclass(frozen=True)
+class ProblemShape:
+    """What a work model needs to know of a problem before it is built.
+
+    `bipartite` is False for a general BQM with an odd cycle: it has no layers, so `n_visible`
+    counts all its variables and `n_hidden` is 0.
+    """
+
+    n_visible: int
+    n_hidden: int
+    n_couplings: int
+    bipartite: bool = True
+
+    @property
+    def n_units(self) -> int:
+        return self.n_visible + self.n_hidden
+
+    @property
+    def size(self) -> int:
+        """Units + couplings: what one sweep of one chain touches."""
+        return self.n_visible + self.n_hidden + self.n_couplings
+
+
+@dataclass(frozen=True)
+class Cost:
+    """One quantity of a work model: its value, how it was computed, and the options that
+    scale it (named in a refusal so the caller knows what to lower)."""
+
+    value: float
+    formula: str
+    options: tuple[str, ...]
+
+
+#: The quantities a work model may report (a service holds each to a limit):
+#: work: update-equivalents of CPU work (≈ 10^10 per second on one core with the torch kernels),
+#: state_bytes: memory of the chain state and buffers, enumerated_states: states enumerated,
+#: seconds: declared waits (timeouts, back-off), qpu_seconds: estimated QPU access time.
+WORK_QUANTITIES = ("work", "state_bytes", "enumerated_states", "seconds", "qpu_seconds")
+
+
+def option_values(cls: type, options: Mapping[str, Any]) -> dict[str, Any]:
+    """`options` over the defaults of `cls.__init__`'s keyword options."""
+    params = inspect.signature(cls.__init__).parameters
+    out = {p: spec.default for p, spec in params.items()
+           if spec.kind is spec.KEYWORD_ONLY and spec.default is not spec.empty}
+    out.update(options)
+    return out
+
+
+def check_state_bytes(nbytes: float, options: str) -> None:
+    """ValueError naming `options` when one call would allocate more than MAX_STATE_BYTES."""
+    if nbytes > MAX_STATE_BYTES:
+        raise ValueError(f"{options} would allocate ~{nbytes / 2**30:.3g} GiB of chain state "
+                         f"in one call, over the {MAX_STATE_BYTES / 2**30:g} GiB this backend "
+                         "allows; use fewer chains or samples per call")
+
+
 class Timer:
     """Accumulates wall time per phase; `timer("sample")` is a context manager."""
 
@@ -63,6 +126,8 @@ class Timer:
 
 
 def check_num_samples(num_samples: Any) -> int:
+    if num_samples is None:
+        raise TypeError("num_samples is required (an int > 0)")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int):
         raise TypeError(f"num_samples must be an int, got {type(num_samples).__name__}")
     if num_samples <= 0:
@@ -110,13 +175,30 @@ class Sampler(abc.ABC):
     conformance_options: ClassVar[dict[str, Any]] = {}
 
     @classmethod
+    def work(cls, options: Mapping[str, Any], shape: ProblemShape, num_samples: int
+             ) -> dict[str, Cost]:
+        """The cost of one `sample(problem, num_samples)` call of a sampler built with
+        `options` (validated constructor keywords; defaults fill the rest), by quantity of
+        `WORK_QUANTITIES`. A service checks it against its limits before queueing anything.
+        Each backend declares its model here, beside its options; {} means no model (the
+        backend's cost does not scale with its options, e.g. a client of another service)."""
+        return {}
+
+    @classmethod
     def availability(cls) -> tuple[bool, str]:
         """(usable here?, why not). Backends that need hardware or credentials override it."""
         return True, ""
 
-    def sample(self, rbm: RBM, num_samples: int, *, seed: int | None = None) -> SampleSet:
-        """Draw `num_samples` states of `rbm`. The same seed gives the same samples from a fresh
-        sampler built with the same options."""
+    def sample(self, rbm: RBM, num_samples: int | None = None, *,
+               seed: int | None = None) -> SampleSet:
+        """Draw `num_samples` states of `rbm` (required; its default only lets a dimod BQM,
+        passed dimod-style as `sample(bqm)`, get a pointer to `backends.as_dimod`). The same
+        seed gives the same samples from a fresh sampler built with the same options."""
+        if isinstance(rbm, dimod.BinaryQuadraticModel):  # the Ocean way in is a dimod.Sampler
+            raise TypeError(
+                f"{type(self).__name__}.sample takes a qvae.RBM; for a dimod BQM use "
+                f"backends.as_dimod({self.name!r}, **options).sample(bqm, num_reads=N, seed=S), "
+                "a dimod.Sampler that returns a dimod.SampleSet")
         check_rbm(rbm)
         check_num_samples(num_samples)
         check_seed(seed)

@@ -2,7 +2,7 @@
 
 A bipartite BQM *is* an RBM (up to a constant): its interaction graph is 2-coloured into a visible
 and a hidden layer and any backend samples it. A BQM with an odd cycle is not; only backends that
-sample arbitrary BQMs (`neal`, `exact`) take it, through their `sample_general_bqm` method.
+sample arbitrary BQMs (`neal`, `exact`, `dimod`) take it, through their `sample_general_bqm` method.
 
 >>> import dimod, backends
 >>> bqm = dimod.BinaryQuadraticModel({"a": 0.5, "b": -0.5}, {("a", "b"): -1.0}, 0.0, "SPIN")
@@ -94,8 +94,8 @@ def sample_bqm(
     except NotBipartite as exc:
         general = getattr(sampler, "sample_general_bqm", None)
         if general is None:
-            raise NotBipartite(f"{exc}; backend {sampler.name!r} samples RBMs only, use 'neal' "
-                               "or 'exact' for a general BQM") from None
+            raise NotBipartite(f"{exc}; backend {sampler.name!r} samples RBMs only, use 'neal', "
+                               "'exact' or 'dimod' for a general BQM") from None
         timer = Timer()
         with timer("total"), timer("sample"):
             general_out = general(bqm, num_samples, seed=seed)
@@ -106,11 +106,15 @@ def sample_bqm(
     z = out.states.detach().cpu().numpy().astype(np.int8)
     if bqm.vartype is dimod.SPIN:
         z = 2 * z - 1
-    variables = visible + hidden
-    order = [variables.index(v) for v in bqm.variables]
+    position = {v: i for i, v in enumerate(visible + hidden)}
+    order = [position[v] for v in bqm.variables]
     samples = z[:, order]
     energies = bqm.energies((samples, list(bqm.variables)))
-    continuous = None if out.continuous is None else out.continuous.cpu().numpy()[:, order]
+    continuous = None
+    if out.continuous is not None:  # relaxed visible layer; the hidden one is drawn exactly: NaN
+        relaxed = np.full(z.shape, np.nan)
+        relaxed[:, : len(visible)] = out.continuous.detach().cpu().double().numpy()
+        continuous = relaxed[:, order]
     info = {**out.info, "num_visible_layer": len(visible)}
     return BQMSamples(list(bqm.variables), bqm.vartype.name, samples, energies, info, continuous)
 

@@ -1,6 +1,6 @@
 """`dwave`: the RBM prior sampled on a D-Wave QPU (or its offline emulator), with neal fallback.
 
-Temperature (see DESIGN.md, "QPU specifics"). Write E for the RBM energy in spin form. A QPU
+Temperature (see docs/qpu-temperature.md). Write E for the RBM energy in spin form. A QPU
 returns samples ≈ exp(−β_eff · E_prog) of the Hamiltonian it is programmed with. The backend
 programs E_prog = E / β̂ (auto_scale off), clipped to the solver's h_range / j_range with a
 warning, so samples follow exp(−(β_eff / β̂) · E) = exp(−E) once β̂ = β_eff. β̂ comes from
@@ -22,14 +22,23 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import dimod
 import numpy as np
 import torch
 
-from backends.base import Sampler, SampleSet, Timer, energies
+from backends.base import (
+    Cost,
+    ProblemShape,
+    Sampler,
+    SampleSet,
+    Timer,
+    energies,
+    option_values,
+)
 from backends.dwave_embedding import (
     Embedding,
     check_native,
@@ -48,8 +57,8 @@ from backends.dwave_temperature import (
 from backends.neal import SEED_LIMIT
 from qvae.rbm import RBM
 
-__all__ = ["DWaveBackend", "QPUBudgetExceeded", "QPUFallbackWarning", "native_rbm_mask",
-           "qpu_status"]
+__all__ = ["DWaveBackend", "QPUBudgetExceeded", "QPUFallbackWarning", "QPUMeter",
+           "native_rbm_mask", "qpu_status"]
 
 MODES = ("embedded", "native")
 EMULATOR_SAMPLERS = ("thermal", "simulated_annealing")
@@ -60,14 +69,36 @@ CALIBRATION_ROUNDS, CALIBRATION_TOL = 3, 0.02
 BETA_MEMORY = 0.9  # re-estimates: information of earlier calls decays by this factor per update
 BETA_MAX_REL_SE = 0.05  # re-estimates less precise than this are skipped (near-zero RBMs)
 QPU_PROGRAMMING_S, QPU_PER_READ_S = 0.015, 0.0002  # published timing model, per call / read
+# num_reads_range of Advantage solvers (and MockDWaveSampler): the split used for an estimate made
+# before the solver is connected
+DEFAULT_READS_LIMIT = 10_000
+MAX_EMULATOR_SWEEPS = 10**6
 
 
 class QPUFallbackWarning(UserWarning):
     """The QPU did not serve a call; the `neal` backend did."""
 
 
+class QPUUnavailable(RuntimeError):
+    """strict=True and the QPU could not serve a call (no token or solver, refused, failing)."""
+
+
+#: How strict errors start: the CLI spelling of the option (Python: strict=True).
+STRICT = "dwave backend (--set backend.options.strict=true; Python: strict=True)"
+
+
 class QPUBudgetExceeded(RuntimeError):
-    """The next QPU call would exceed `qpu_time_budget_s` and `on_budget="stop"`."""
+    """The next QPU call would exceed `qpu_time_budget_s` and `on_budget="stop"`, or the
+    `meter` refused it."""
+
+
+class QPUMeter(Protocol):
+    """A budget outside the sampler (the service's ledger): asked before and told after each
+    QPU call. `before_call` raises QPUBudgetExceeded to refuse the call."""
+
+    def before_call(self, estimated_s: float) -> None: ...
+
+    def after_call(self, estimated_s: float, charged_s: float) -> None: ...
 
 
 def qpu_status() -> dict[str, Any]:
@@ -165,6 +196,9 @@ class DWaveBackend(Sampler):
         for key, val in (("calibration_reads", calibration_reads),
                          ("emulator_sweeps", emulator_sweeps)):
             _positive(key, val, integer=True)
+        if emulator_sweeps > MAX_EMULATOR_SWEEPS:
+            raise ValueError(f"emulator_sweeps must be <= {MAX_EMULATOR_SWEEPS} (the emulator "
+                             f"runs ~10^3 sweeps per second), got {emulator_sweeps!r}")
         for key, val in (("beta_every", beta_every), ("max_retries", max_retries),
                          ("num_spin_reversal_transforms", num_spin_reversal_transforms)):
             _positive(key, val, integer=True, zero=True)
@@ -195,6 +229,44 @@ class DWaveBackend(Sampler):
         self._beta_information = 0.0  # Fisher information behind self.beta (0: none yet)
         self.calls = self.fallbacks = self.retries = 0
         self.qpu_time_s = 0.0
+        #: asked before / told after every QPU call (the service sets one per request)
+        self.meter: QPUMeter | None = None
+
+    # -------------------------------------------------------------- work model
+    #: The emulator's sweep costs ~100 update-equivalents per logical unit or coupling
+    #: (measured: 1.3·10^8 /s against the torch kernels' ~10^10; chains multiply the qubits).
+    EMULATOR_UPDATE_COST = 100.0
+
+    @classmethod
+    def work(cls, options: Mapping[str, Any], shape: ProblemShape, num_samples: int
+             ) -> dict[str, Cost]:
+        """Reads (calibration included while β_eff is unknown) × anneal time on the QPU; on
+        the emulator, reads × emulator_sweeps × size too; and the embedding search, which
+        holds the process for up to embedding_timeout (nothing interrupts it)."""
+        o = option_values(cls, options)
+        calibration = 0 if o["beta_eff"] is not None else CALIBRATION_ROUNDS * o[
+            "calibration_reads"]
+        reads = num_samples + calibration
+        reads_txt = f"(num_samples {num_samples} + calibration {calibration}) reads"
+        anneal_us = o["annealing_time"] or 20.0
+        per_read = QPU_PER_READ_S + max(0.0, anneal_us - 20.0) * 1e-6
+        calls = (1 + (CALIBRATION_ROUNDS if calibration else 0)) * max(
+            1, o["num_spin_reversal_transforms"]) + reads // DEFAULT_READS_LIMIT
+        out = {
+            "qpu_seconds": Cost(reads * per_read + calls * QPU_PROGRAMMING_S,
+                                f"{reads_txt} × (200 µs + annealing_time {anneal_us:g} µs "
+                                f"− 20 µs) + {calls} call(s) × {QPU_PROGRAMMING_S} s",
+                                ("num_samples", "annealing_time", "calibration_reads")),
+            "seconds": Cost(float(o["embedding_timeout"]), "embedding_timeout",
+                            ("embedding_timeout",)),
+        }
+        if o["solver"] == "emulator":
+            out["work"] = Cost(cls.EMULATOR_UPDATE_COST * reads * o["emulator_sweeps"]
+                               * shape.size,
+                               f"{cls.EMULATOR_UPDATE_COST:g} × {reads_txt} × emulator_sweeps "
+                               f"{o['emulator_sweeps']} × size {shape.size}",
+                               ("emulator_sweeps", "num_samples", "calibration_reads"))
+        return out
 
     # ------------------------------------------------------------------ status
     @classmethod
@@ -228,7 +300,9 @@ class DWaveBackend(Sampler):
             return {"substitute_sampler": SimulatedAnnealingSampler(),
                     "substitute_kwargs": {"beta_range": beta, "beta_schedule_type": "linear",
                                           "proposal_acceptance_criteria": "Gibbs",
-                                          "num_sweeps": self.emulator_sweeps}}
+                                          "num_sweeps": self.emulator_sweeps,
+                                          # one β: no schedule array of emulator_sweeps βs
+                                          "num_sweeps_per_beta": self.emulator_sweeps}}
         return {"substitute_sampler": ThermalIsingSampler(),
                 "substitute_kwargs": {"beta": self.emulated_beta,
                                       "num_sweeps": self.emulator_sweeps}}
@@ -263,7 +337,7 @@ class DWaveBackend(Sampler):
         except Exception as exc:  # noqa: BLE001 - any failure to reach a solver
             reason = f"cannot use D-Wave solver {self.solver!r}: {exc}"
             if self.strict:
-                raise RuntimeError(f"dwave backend (strict=True): {reason}") from exc
+                raise QPUUnavailable(f"{STRICT}: {reason}") from exc
             self._latched = reason
             return False
 
@@ -395,9 +469,19 @@ class DWaveBackend(Sampler):
         them) under the published timing model."""
         per_read = QPU_PER_READ_S + max(0.0, (self.annealing_time or 20.0) - 20.0) * 1e-6
         if calls is None:
-            limit = int(self._qpu.properties["num_reads_range"][1])
+            limit = (DEFAULT_READS_LIMIT if self._qpu is None
+                     else int(self._qpu.properties["num_reads_range"][1]))
             calls = max(1, self.num_spin_reversal_transforms, -(-reads // limit))
         return calls * QPU_PROGRAMMING_S + reads * per_read
+
+    def estimate_qpu_seconds(self, num_samples: int) -> float:
+        """Upper estimate of the QPU access time of `sample(rbm, num_samples)` before it runs:
+        the calibration rounds (all of them, while β̂ is unknown), the read split over
+        num_reads_range and the spin-reversal transforms, annealing_time included. On the
+        emulator it equals what the calls are charged; on a QPU it is the timing model's."""
+        reads = [num_samples] + ([] if self.beta is not None else
+                                 [self.calibration_reads] * CALIBRATION_ROUNDS)
+        return sum(self._estimated_cost(r) for r in reads)
 
     def _run(self, program: dict[str, Any], emb: Embedding, num_reads: int,
              rng: np.random.Generator, info: dict[str, Any], timer: Timer) -> np.ndarray:
@@ -413,6 +497,13 @@ class DWaveBackend(Sampler):
         out = []
         for size in sizes:
             with timer("preprocess"):
+                # Spin-reversal transforms by hand, not dwave.preprocessing's
+                # SpinReversalTransformComposite: given the same transforms (`srts`) both
+                # program identical BQMs and return identical spins, but the composite runs
+                # num_reads per transform (we split the reads), concatenating its transforms
+                # drops info["timing"] (the QPU time _call bills), and called once per
+                # transform it adds 0.12 s per 4 transforms on Pegasus(16) against our 0.02 s
+                # (benchmarks/ocean_parity.py).
                 gauge = np.ones(len(labels))
                 if self.num_spin_reversal_transforms:
                     gauge = np.where(rng.random(len(labels)) < 0.5, -1.0, 1.0)
@@ -442,6 +533,9 @@ class DWaveBackend(Sampler):
         from dwave.cloud.exceptions import SolverAuthenticationError, SolverNotFoundError
 
         transient = _transient_errors()
+        estimate = self._estimated_cost(reads, calls=1)
+        if self.meter is not None:
+            self.meter.before_call(estimate)  # may raise QPUBudgetExceeded: nothing is spent
         for attempt in range(self.max_retries + 1):
             try:
                 result = self._qpu.sample(bqm, num_reads=reads, **params)
@@ -449,27 +543,29 @@ class DWaveBackend(Sampler):
                 break
             except (SolverAuthenticationError, SolverNotFoundError) as exc:
                 if self.strict:
-                    raise RuntimeError(f"dwave backend (strict=True): {exc!r}") from exc
+                    raise QPUUnavailable(f"{STRICT}: {exc!r}") from exc
                 self._latched = f"QPU refused the call: {exc!r}"
                 raise _Unavailable(self._latched) from exc
             except transient as exc:
                 if attempt == self.max_retries:
                     if self.strict:
-                        raise RuntimeError(f"dwave backend (strict=True): QPU call failed "
-                                           f"{attempt + 1} times: {exc!r}") from exc
+                        raise QPUUnavailable(f"{STRICT}: QPU call failed "
+                                             f"{attempt + 1} times: {exc!r}") from exc
                     raise _Unavailable(f"QPU call failed {attempt + 1} times "
                                        f"(last: {exc!r})") from exc
                 self.retries += 1
                 info["retries"] += 1
                 time.sleep(self.retry_backoff_s * 2**attempt)
         if self.emulated or "qpu_access_time" not in result.info.get("timing", {}):
-            seconds = self._estimated_cost(reads, calls=1)  # the mock's timing is a placeholder
+            seconds = estimate  # the mock's timing is a placeholder
             info["estimated"] = True
         else:
             seconds = float(result.info["timing"]["qpu_access_time"]) * 1e-6
         info["calls"] += 1
         info["qpu_s"] += seconds
         self.qpu_time_s += seconds
+        if self.meter is not None:
+            self.meter.after_call(estimate, seconds)
         return result
 
     # ------------------------------------------------------------- temperature
@@ -516,7 +612,8 @@ class DWaveBackend(Sampler):
     def _serve_fallback(self, rbm: RBM, num_samples: int, seed: int | None, timer: Timer,
                         reason: str | None) -> SampleSet:
         warnings.warn(f"dwave backend: the QPU did not serve this call, neal (simulated "
-                      f"annealing) did: {reason}. Pass strict=True to make this an error.",
+                      f"annealing) did: {reason}. To make this an error: --set "
+                      "backend.options.strict=true (Python: strict=True).",
                       QPUFallbackWarning, stacklevel=4)
         if self._fallback is None:
             from backends.registry import get_sampler

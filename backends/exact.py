@@ -6,12 +6,25 @@ drawn from it by inverse-CDF, and the other layer is drawn exactly from its cond
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from backends.base import Sampler, SampleSet, Timer, energies, make_generator
+from backends.base import (
+    Cost,
+    ProblemShape,
+    Sampler,
+    SampleSet,
+    Timer,
+    energies,
+    make_generator,
+    option_values,
+)
 from qvae.rbm import RBM, states_from_index
+
+#: Enumerating more states would hold > 16 GiB of float64 tables (log p and its CDF).
+MAX_STATES = 2**30
 
 
 class ExactSampler(Sampler):
@@ -23,7 +36,28 @@ class ExactSampler(Sampler):
     def __init__(self, *, max_states: int = 2**22) -> None:
         if isinstance(max_states, bool) or not isinstance(max_states, int) or max_states < 2:
             raise ValueError(f"max_states must be an int >= 2, got {max_states!r}")
+        if max_states > MAX_STATES:
+            raise ValueError(f"max_states must be <= 2^30 = {MAX_STATES} (its tables would "
+                             f"need > 16 GiB), got {max_states!r}; use 'gibbs' or 'neal' for "
+                             "an RBM this size")
         self.max_states = max_states
+
+    @classmethod
+    def work(cls, options: Mapping[str, Any], shape: ProblemShape, num_samples: int
+             ) -> dict[str, Cost]:
+        """2^(smaller layer) states (2^all variables for a non-bipartite BQM), each costing
+        its free energy (size update-equivalents). (A problem over max_states is refused by
+        the backend itself before it enumerates anything.)"""
+        option_values(cls, options)
+        n = min(shape.n_visible, shape.n_hidden) if shape.bipartite else shape.n_units
+        what = f"a smaller layer of {n} units" if shape.bipartite else f"{n} variables"
+        states, fix = float(2**n), ("the problem size (use 'gibbs' or 'neal' for this one)",)
+        return {
+            "enumerated_states": Cost(states, f"2^{n} ({what})", fix),
+            "work": Cost(states * shape.size, f"2^{n} states × size {shape.size}", fix),
+            "state_bytes": Cost(states * 24 + num_samples * shape.n_units * 16,
+                                f"2^{n} states × 24 bytes + samples", fix),
+        }
 
     def sample_general_bqm(self, bqm: Any, num_samples: int, *, seed: int | None = None) -> Any:
         """Any small BQM (2^n ≤ max_states), exactly: see `backends.bqm.sample_bqm`."""

@@ -8,11 +8,24 @@ chain count, device or dtype changes), so a trainer pays burn-in once and `num_s
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from backends.base import Sampler, SampleSet, Timer, energies, make_generator
+from backends.base import (
+    Cost,
+    ProblemShape,
+    Sampler,
+    SampleSet,
+    Timer,
+    check_state_bytes,
+    energies,
+    make_generator,
+    option_values,
+)
+from backends.numerics import check_precision
+from qvae import cancel
 from qvae.rbm import RBM
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -119,6 +132,7 @@ def gibbs_sweeps(
             torch.addmm(hidden_bias, v, weight, out=pre_h)
             torch.lt(u_h[i], pre_h.sigmoid_(), out=h_out)
             h = h_out
+            cancel.check()  # a service's wall-time limit or shutdown stops the run here
     return v, h_out
 
 
@@ -170,6 +184,34 @@ class GibbsSampler(Sampler):
         self._hidden: torch.Tensor | None = None  # persistent chain state
         self._generator: torch.Generator | None = None
 
+    #: Work model: every sweep costs each chain its units + couplings, plus a fixed dispatch
+    #: cost of ~20 µs (≈ 2·10^5 update-equivalents) however small the problem.
+    SWEEP_OVERHEAD = 2e5
+
+    @classmethod
+    def work(cls, options: Mapping[str, Any], shape: ProblemShape, num_samples: int
+             ) -> dict[str, Cost]:
+        o = option_values(cls, options)
+        chains = o["num_chains"] or num_samples
+        rounds = math.ceil(num_samples / chains)
+        sweeps = o["burn_in"] + rounds * o["num_sweeps"]
+        elem = DTYPES[o["dtype"]].itemsize
+        return {
+            "work": Cost(sweeps * (chains * shape.size + cls.SWEEP_OVERHEAD),
+                         f"(burn_in {o['burn_in']} + {rounds} round(s) × num_sweeps "
+                         f"{o['num_sweeps']}) sweeps × (num_chains {chains} × size "
+                         f"{shape.size} + {cls.SWEEP_OVERHEAD:g})",
+                         ("num_sweeps", "burn_in", "num_chains", "num_samples")),
+            "state_bytes": Cost(cls._state_bytes(chains, rounds, shape.n_units, elem),
+                                f"num_chains {chains} × {shape.n_units} units × {elem} bytes",
+                                ("num_chains", "num_samples")),
+        }
+
+    @staticmethod
+    def _state_bytes(chains: int, rounds: int, n_units: int, elem: int) -> float:
+        """Chain state and matmul buffers (4 per chain) plus the samples kept (2 per sample)."""
+        return float(elem * n_units * (4 * chains + 2 * rounds * chains) + BLOCK_BYTES * 5 / 4)
+
     def reset(self) -> None:
         self._hidden = None
 
@@ -188,12 +230,16 @@ class GibbsSampler(Sampler):
 
     def _sample(self, rbm: RBM, num_samples: int, *, seed: int | None, timer: Timer) -> SampleSet:
         with timer("preprocess"):
+            check_precision(rbm, self.dtype, backend=self.name, beta=self.beta)
             if seed is not None or self._generator is None:
                 self._generator = make_generator(seed, self.device)
             gen = self._generator
             params = [p.detach().to(self.device, self.dtype) * self.beta for p in
                       (rbm.effective_weight(), rbm.visible_bias, rbm.hidden_bias)]
             n_chains = self.num_chains or num_samples
+            check_state_bytes(self._state_bytes(n_chains, math.ceil(num_samples / n_chains),
+                                                rbm.n_units, self.dtype.itemsize),
+                              f"num_chains={n_chains} on {rbm.n_units} units")
             fresh = (
                 not self.persistent
                 or self._hidden is None

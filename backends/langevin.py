@@ -18,14 +18,25 @@ count, device or dtype changes; otherwise a call costs `num_steps` steps per rou
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from backends._langevin_kernels import LangevinState, init_state, ula_step
-from backends.base import Sampler, SampleSet, Timer, energies, make_generator
+from backends.base import (
+    Cost,
+    ProblemShape,
+    Sampler,
+    SampleSet,
+    Timer,
+    check_state_bytes,
+    energies,
+    make_generator,
+    option_values,
+)
+from backends.numerics import check_precision, mixing_check
+from qvae import cancel
 from qvae.rbm import RBM
 from qvae.relax import (
     LogDensityFn,
@@ -36,6 +47,7 @@ from qvae.relax import (
     sample_logistic,
     to_visible,
 )
+from qvae.threads import torch_threads
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -62,21 +74,6 @@ def check_device(device: Any) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but CUDA is not available here; use 'cpu'")
     return dev
-
-
-@contextmanager
-def torch_threads(num_threads: int | None) -> Iterator[None]:
-    """Run the block with `num_threads` torch intra-op threads (unchanged if None), then
-    restore the previous setting."""
-    if num_threads is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 class LangevinSampler(Sampler):
@@ -153,6 +150,37 @@ class LangevinSampler(Sampler):
         self._position: torch.Tensor | None = None  # persistent chain state
         self._generator: torch.Generator | None = None
 
+    # ------------------------------------------------------------------ work model
+    #: A step costs each chain ~STEP_COST × (units + couplings) update-equivalents (a gradient
+    #: of F: two matmuls; MALA adds the log density and the reverse proposal), plus a fixed
+    #: dispatch cost of many small torch ops (~50 µs for ULA) however small the problem.
+    STEP_COST, STEP_OVERHEAD = 1.3, 5e5
+    #: Buffers of one chain's state per unit (position, gradient, proposal, noise, …).
+    STATE_BUFFERS = 8
+
+    @classmethod
+    def work(cls, options: Mapping[str, Any], shape: ProblemShape, num_samples: int
+             ) -> dict[str, Cost]:
+        o = option_values(cls, options)
+        chains = o["num_chains"] or num_samples
+        rounds = math.ceil(num_samples / chains)
+        steps = o["burn_in"] + rounds * o["num_steps"]
+        elem = DTYPES[o["dtype"]].itemsize
+        return {
+            "work": Cost(steps * (cls.STEP_COST * chains * shape.size + cls.STEP_OVERHEAD),
+                         f"(burn_in {o['burn_in']} + {rounds} round(s) × num_steps "
+                         f"{o['num_steps']}) steps × ({cls.STEP_COST:g} × num_chains {chains} "
+                         f"× size {shape.size} + {cls.STEP_OVERHEAD:g})",
+                         ("num_steps", "burn_in", "num_chains", "num_samples")),
+            "state_bytes": Cost(cls._state_bytes(chains, num_samples, shape.n_units, elem),
+                                f"num_chains {chains} × {shape.n_units} units × {elem} bytes",
+                                ("num_chains", "num_samples")),
+        }
+
+    @classmethod
+    def _state_bytes(cls, chains: int, num_samples: int, n_units: int, elem: int) -> float:
+        return float(elem * n_units * (2 * cls.STATE_BUFFERS * chains + 4 * num_samples))
+
     # ------------------------------------------------------------- hooks for `mala`
     def _state_dim(self, n_visible: int) -> int:
         return n_visible
@@ -176,6 +204,7 @@ class LangevinSampler(Sampler):
     ) -> LangevinState:
         for _ in range(steps):
             state, _ = ula_step(gen, state, fn, self.step_size)
+            cancel.check()  # a service's wall-time limit or shutdown stops the run here
         return state
 
     def _begin_call(self) -> None:
@@ -214,6 +243,7 @@ class LangevinSampler(Sampler):
         self, rbm: RBM, num_samples: int, *, seed: int | None, timer: Timer
     ) -> SampleSet:
         with timer("preprocess"):
+            check_precision(rbm, self.dtype, backend=self.name)
             self._begin_call()
             if seed is not None or self._generator is None:
                 self._generator = make_generator(seed, self.device)
@@ -221,6 +251,9 @@ class LangevinSampler(Sampler):
             params = RelaxParams.from_rbm(rbm, self.device, self.dtype)
             fn = self._logdensity_fn(params)
             n_chains = self.num_chains or num_samples
+            check_state_bytes(self._state_bytes(n_chains, num_samples, rbm.n_units,
+                                                self.dtype.itemsize),
+                              f"num_chains={n_chains} on {rbm.n_units} units")
             shape = (n_chains, self._state_dim(rbm.n_visible))
             fresh = (not self.persistent or self._position is None
                      or tuple(self._position.shape) != shape)
@@ -246,6 +279,8 @@ class LangevinSampler(Sampler):
             visible, hidden = visible.to(out_device, out_dtype), hidden.to(out_device, out_dtype)
             energy = energies(rbm, visible, hidden)
             continuous = to_visible(u, self.tau).to(out_device, out_dtype)
+            # the chains' own check: samples the RBM makes implausible mean "not mixed"
+            mixing = mixing_check(rbm, visible, backend=self.name)
         info = {
             "tau": self.tau,
             "num_steps": self.num_steps,
@@ -254,5 +289,6 @@ class LangevinSampler(Sampler):
             "burned_in": fresh and self.burn_in > 0,
             "u": u.to(out_device, out_dtype),
             **self._info(n_chains),
+            **mixing,
         }
         return SampleSet(visible, hidden, energy, info, continuous=continuous)

@@ -18,9 +18,9 @@ preconditioner, "simplified manifold MALA")
 which is Δt in the bulk and ≈ 4τ²/c at the kink; the MH ratio evaluates the reverse proposal
 with D(u'), so the kernel stays exact. `precondition=0` gives plain MALA (D = Δt).
 
-`extended=True` runs the chains on the extended state Φ = (ℓ, g) of notes 000, v = σ((ℓ+g)/τ)
-with a Gumbel density on g and the mirrored Gumbel density on ℓ: a proper joint whose ℓ + g
-marginal is π_τ itself (`qvae.relax.extended_log_density`).
+`extended=True` runs the chains on the extended state Φ = (ℓ, g) (docs/relaxation.md),
+v = σ((ℓ+g)/τ), with a Gumbel density on g and the mirrored Gumbel density on ℓ: a proper
+joint whose ℓ + g marginal is π_τ itself (`qvae.relax.extended_log_density`).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from backends._langevin_kernels import (
     mala_step,
 )
 from backends.langevin import LangevinSampler, check_positive
+from qvae import cancel
 from qvae.relax import (
     LogDensityFn,
     RelaxParams,
@@ -96,6 +97,8 @@ class MALASampler(LangevinSampler):
     #: with couplings N(0, 0.7²) needs ≈ 2000).
     #: One torch thread: see `langevin` (num_threads).
     conformance_options: dict[str, Any] = {"burn_in": 500, "num_threads": 1}
+    #: Work model (see `langevin`): a MALA step costs ~4× a ULA step per chain (measured).
+    STEP_COST, STEP_OVERHEAD = 4.0, 1e6
 
     def __init__(
         self,
@@ -164,6 +167,7 @@ class MALASampler(LangevinSampler):
         for t in range(self.burn_in):
             step = kink_step(float(log_step.exp()), self.tau, self.precondition, self.extended)
             state, info = mala_step(gen, state, fn, step)
+            cancel.check()
             rate = info.acceptance_prob.mean().double().cpu()
             accepted.append(rate)
             if self.adapt:
@@ -179,6 +183,7 @@ class MALASampler(LangevinSampler):
         step = kink_step(self._step, self.tau, self.precondition, self.extended)
         for _ in range(steps):
             state, info = mala_step(gen, state, fn, step)
+            cancel.check()
             self._acceptance.append(info.is_accepted.sum())
         return state
 

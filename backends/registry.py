@@ -21,6 +21,7 @@ _REGISTRY: dict[str, str] = {
     "langevin": "backends.langevin:LangevinSampler",
     "mala": "backends.mala:MALASampler",
     "remote": "backends.remote:RemoteSampler",
+    "dimod": "backends.dimod_backend:DimodBackend",
 }
 
 

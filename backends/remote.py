@@ -36,7 +36,10 @@ MODES = ("auto", "inline", "job")
 RETRY_STATUS = (502, 503, 504)
 SEED_LIMIT = 2**63  # the service takes seeds below 2**63; larger ones are reduced modulo it
 MAX_BACKOFF_S, MAX_RETRY_AFTER_S, MAX_POLL_S = 10.0, 30.0, 2.0
-START_HINT = "Start it with `qvae serve --config configs/service.yaml` or pass backend.url"
+START_HINT = (
+    "Start it with `qvae serve --config configs/service.yaml`, or point to it with "
+    "--set backend.url=URL"
+)
 
 
 class RemoteError(RuntimeError):
@@ -103,7 +106,10 @@ class RemoteSampler(Sampler):
             raise ValueError(f"options must be plain JSON values, got {options!r}: {exc}") from None
         api_key = api_key if api_key is not None else os.environ.get("QVAE_API_KEY") or None
         if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
-            raise ValueError(f"api_key must be a non-empty string or None, got {api_key!r}")
+            # a blank one may be quoted; a mistyped key (a YAML int, say) is still a secret
+            raise ValueError("api_key must be a non-empty string or None, got "
+                             + (repr(api_key) if isinstance(api_key, str)
+                                else f"a {type(api_key).__name__}"))
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
         if mode not in MODES:

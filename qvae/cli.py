@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 EPILOG = """examples:
-  qvae train --config configs/quickstart.yaml            # short MNIST run on the local backend
-  qvae train --config configs/mnist.yaml --backend neal --set train.steps=20000
+  qvae train --config quickstart                         # short MNIST run on the local backend
+  qvae train --config mnist --backend neal --set train.steps=20000
   qvae train --out runs/my-run --resume                  # continue an interrupted run
   qvae evaluate runs/my-run --num-iw 5000                # test NLL with K = 5000
   qvae sample runs/my-run --backend gibbs -n 64 --out grid.png
@@ -23,23 +23,41 @@ EPILOG = """examples:
 """
 
 
+def _version() -> str:
+    """The installed distribution's version; the source tree's when qvae is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("qvae")
+    except PackageNotFoundError:  # run from a checkout on sys.path without `pip install`
+        from qvae import __version__
+
+        return f"{__version__} (not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qvae",
         description="Train VAEs whose latent prior is an RBM sampled by a pluggable backend "
-        "(exact, gibbs, neal; D-Wave QPU and Langevin/MALA as they land).",
+        "(exact, gibbs, neal, dwave [QPU or its emulator], langevin, mala, dimod [any Ocean "
+        "sampler], remote [a `qvae serve` service]; `qvae backends` says which run here).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"qvae {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a model (then evaluate it on the test set)",
                        description="Train a DVAE with an RBM prior. The negative phase of the "
                        "prior is drawn from --backend at every step.")
-    t.add_argument("--config", type=Path, help="YAML experiment file (default: built-in defaults, "
+    t.add_argument("--config", type=Path, help="YAML experiment file, or the name of a shipped "
+                   "one from any directory: quickstart, smoke, mnist, paper/... (default: "
+                   "built-in defaults, "
                    "the full MNIST model; see `qvae config`)")
     t.add_argument("--backend", help="sampler for the negative phase (overrides backend.name; "
-                   "see `qvae backends`)")
+                   "a switch drops the file's backend.options, which belong to its backend: "
+                   "give the new one's with --set backend.options.KEY=VALUE; see `qvae "
+                   "backends`)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.steps=500 (repeatable)")
     t.add_argument("--out", type=Path, help="run directory (default: runs/NAME-BACKEND-TIME)")
@@ -56,7 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--ais-runs", type=int, help="AIS runs")
     e.add_argument("--split", choices=["valid", "test"], help="data split (default: test)")
     e.add_argument("--max-examples", type=int, help="evaluate only the first N examples")
-    e.add_argument("--out", type=Path, help="JSON output (default: RUN/eval.json)")
+    e.add_argument("--out", type=Path, help="JSON output (default: RUN/eval.json, or "
+                   "RUN/eval-TIME.json when that exists: nothing is overwritten)")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file (default: refuse)")
     e.add_argument("--no-progress", action="store_true")
 
     s = sub.add_parser("sample", help="decode prior samples from a backend into an image grid")
@@ -71,9 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("compare", help="compare backends on a checkpoint's prior: speed, "
                        "energies, moments, TV, fitted β, plots")
     m.add_argument("checkpoint", type=Path, help="run directory or .pt checkpoint")
-    m.add_argument("--backends", default="exact,gibbs,neal",
-                   help="comma-separated backends (default: exact,gibbs,neal); exact needs a "
-                   "small RBM")
+    m.add_argument("--backends", default=None,
+                   help="comma-separated backends (default: those of exact,gibbs,neal that can "
+                   "run on the model: exact only for a small RBM)")
     m.add_argument("-n", "--num-samples", type=int, default=1000)
     m.add_argument("--option", action="append", default=[], metavar="BACKEND.KEY=VALUE",
                    help="backend option, e.g. --option gibbs.num_sweeps=50 (repeatable)")
@@ -91,10 +112,10 @@ def _parser() -> argparse.ArgumentParser:
         "with `qvae train --backend remote --set backend.url=http://HOST:PORT --set "
         "backend.target=dwave`.",
         epilog="example:\n  QVAE_API_KEYS=$(openssl rand -hex 16) qvae serve --config "
-        "configs/service.yaml\n  curl localhost:8700/healthz",
+        "service\n  curl localhost:8700/healthz",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    v.add_argument("--config", type=Path, help="service YAML (default: built-in defaults; see "
-                   "configs/service.yaml)")
+    v.add_argument("--config", type=Path, help="service YAML, or `service` for the shipped "
+                   "example (default: built-in defaults)")
     v.add_argument("--host", help="bind address (default 127.0.0.1: this machine only)")
     v.add_argument("--port", type=int, help="TCP port (default 8700)")
     v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -104,41 +125,67 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("config", help="print every config key with its default and meaning, or "
                        "the validated config of a file")
-    c.add_argument("--config", type=Path, help="validate and print this file")
+    c.add_argument("--config", type=Path, help="validate and print this file (or shipped name)")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    for computing in (t, e, s, m):
+        computing.add_argument(
+            "--threads", type=_positive_int, metavar="N",
+            help="torch CPU threads (train/evaluate: the config key `threads`); default: "
+            "chosen from the work's size, 1 for small work (see README, Threads)")
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from qvae import checkpoint
-    from qvae.config import load_config, validate_config
-    from qvae.train import train
+    from qvae.config import load_config, switched, validate_config
+    from qvae.train import SamplerCounters, train
 
     overrides = list(args.overrides)
-    if args.backend:
-        overrides.append(f"backend.name={args.backend}")
     if args.no_eval:
         overrides.append("eval.at_end=false")
+    if args.threads is not None:
+        overrides.append(f"threads={args.threads}")
+    notes: list[str] = []  # what --backend dropped from the file (options of another backend)
     if args.resume:
         if args.out is None:
             raise SystemExit("qvae train: --resume needs --out RUN_DIR (the run to continue)")
         if args.config is None:  # the checkpoint's own config, plus any --set
-            from qvae.config import apply_overrides
-
-            saved = checkpoint.load(args.out)["config"]
-            cfg = validate_config(apply_overrides(saved, overrides))
+            saved = checkpoint.load(args.out, require=("config",))["config"]
+            cfg = validate_config(switched(saved, overrides, args.backend, notes))
         else:
-            cfg = load_config(args.config, overrides)
+            cfg = load_config(args.config, overrides, backend=args.backend, notes=notes)
     else:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides, backend=args.backend, notes=notes)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = args.out or Path("runs") / f"{cfg.name}-{cfg.backend.name}-{stamp}"
     result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    counters = SamplerCounters.from_dict(cfg.backend.name, result.sampling)
+    if args.out is None and counters.fallback_servers():
+        # A default name says who sampled: `smoke-dwave-...` served by neal is not a dwave run.
+        via = "+".join(counters.fallback_servers())
+        renamed = out.with_name(f"{cfg.name}-{cfg.backend.name}-fallback-{via}-{stamp}")
+        out.rename(renamed)
+        result.files = {k: str(renamed / Path(v).relative_to(out)) if Path(v).is_relative_to(out)
+                        else v for k, v in result.files.items()}
+        out = renamed
     if result.interrupted:
         print(f"\ninterrupted at step {result.step}; checkpoint saved. Continue with:\n"
               f"  qvae train --out {out} --resume", file=sys.stderr)
         return 130
     print(f"\ntrained {result.step} steps with backend {cfg.backend.name!r}; run directory {out}")
+    print(f"  sampling: {counters.summary()}")
     for name, path in result.files.items():
         print(f"  {name:15s} {path}")
     if result.evaluation:
@@ -171,46 +218,79 @@ def _parse_options(items: list[str], flag: str) -> dict:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from qvae import threads
     from qvae.config import apply_overrides, validate_config
     from qvae.evaluate import evaluate_model
 
-    model, cfg, _ = _load_model(args.checkpoint)
+    model, cfg, state = _load_model(args.checkpoint)
     mapping = {"num_iw": args.num_iw, "logz": args.logz, "ais_betas": args.ais_betas,
                "ais_runs": args.ais_runs, "split": args.split, "max_examples": args.max_examples}
     sets = [f"eval.{k}={v}" for k, v in mapping.items() if v is not None]
+    if args.threads is not None:
+        sets.append(f"threads={args.threads}")
     cfg = validate_config(apply_overrides(cfg.model_dump(mode="json"), sets))
+    threads.apply(cfg.threads, threads.evaluation_macs(cfg))
     run_dir = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent
     out = args.out or run_dir / "eval.json"
-    result = evaluate_model(model, cfg, out, progress=not args.no_progress)
-    print(json.dumps(result, indent=2))
+    if args.out is None and out.exists() and not args.overwrite:  # keep training's eval.json
+        stamp, n = time.strftime("%Y%m%d-%H%M%S"), 1
+        out = run_dir / f"eval-{stamp}.json"
+        while out.exists():  # two evaluations in one second
+            n += 1
+            out = run_dir / f"eval-{stamp}-{n}.json"
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it, or another --out")
+    extra = {"checkpoint_step": state.get("step")}
+    if state.get("sampler_counters"):
+        extra["training_sampler"] = state["sampler_counters"]
+    # A bar only on a terminal: in a log file its carriage-return updates are noise.
+    result = evaluate_model(model, cfg, out, progress=not args.no_progress and sys.stderr.isatty(),
+                            extra=extra)
+    print(json.dumps(result, indent=2, allow_nan=False))
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     import backends
+    from qvae import threads
+    from qvae.datasets import image_shape
     from qvae.report import decoded_prior_samples, save_image_grid
 
-    model, _, _ = _load_model(args.checkpoint)
+    model, cfg, _ = _load_model(args.checkpoint)
+    threads.apply(args.threads, threads.rbm_sampling_macs(
+        model.prior.n_visible, model.prior.n_hidden, args.num_samples))
     sampler = backends.get_sampler(args.backend, **_parse_options(args.option, "--option"))
     images = decoded_prior_samples(model, sampler, args.num_samples, args.seed)
-    save_image_grid(images, args.out, title=f"decoded prior samples ({args.backend})")
+    save_image_grid(images, args.out, title=f"decoded prior samples ({args.backend})",
+                    shape=image_shape(cfg.data.dataset, int(images.shape[1])))
     print(f"wrote {args.out} ({args.num_samples} samples from {args.backend!r})")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from qvae import threads
     from qvae.compare import compare_backends, table
+    from qvae.datasets import image_shape
     from qvae.report import decode, plot_energy_histograms, plot_mean_scatter, save_image_grid
 
-    model, _, _ = _load_model(args.checkpoint)
-    names = [n.strip() for n in args.backends.split(",") if n.strip()]
+    model, cfg, _ = _load_model(args.checkpoint)
+    if args.backends is None:
+        from qvae.compare import default_backends
+
+        names, notes = default_backends(model.prior)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+    else:
+        names = [n.strip() for n in args.backends.split(",") if n.strip()]
     options: dict[str, dict] = {}
     for key, value in _parse_options(args.option, "--option").items():
         if "." not in key:
             raise SystemExit(f"qvae compare: --option needs BACKEND.KEY=VALUE, got {key!r}")
         backend, opt = key.split(".", 1)
         options.setdefault(backend, {})[opt] = value
+    threads.apply(args.threads, threads.rbm_sampling_macs(
+        model.prior.n_visible, model.prior.n_hidden, args.num_samples))
     result = compare_backends(model.prior, names, num_samples=args.num_samples, options=options,
                               seed=args.seed, progress=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -219,8 +299,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
              "mean_scatter": plot_mean_scatter(result, args.out / "means.png")}
     for name, out in samples.items():
         images = decode(model, out)[: args.grid]
-        files[f"grid_{name}"] = save_image_grid(images, args.out / f"samples_{name}.png",
-                                                title=f"decoded prior samples ({name})")
+        files[f"grid_{name}"] = save_image_grid(
+            images, args.out / f"samples_{name}.png", title=f"decoded prior samples ({name})",
+            shape=image_shape(cfg.data.dataset, int(images.shape[1])))
     (args.out / "compare.json").write_text(json.dumps(result, indent=2))
     print(table(result))
     print(f"wrote {args.out / 'compare.json'}")
@@ -258,11 +339,12 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from qvae.service.server import serve
     from qvae.service.settings import load_service_config
+    from qvae.service.store import StoreError
 
     config = load_service_config(args.config, args.overrides)
     try:
         serve(config, host=args.host, port=args.port, log_level=args.log_level)
-    except ValueError as exc:  # e.g. no API keys
+    except (ValueError, StoreError) as exc:  # e.g. no API keys, an unreadable state_db
         print(f"qvae serve: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -278,12 +360,42 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, FileNotFoundError, FileExistsError) as exc:
+    except ConfigError as exc:
         print(f"qvae {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # our own messages (no checkpoint at ...) or the OS's, with the path
+        print(f"qvae {args.command}: {_os_error(exc)}", file=sys.stderr)
         return 2
     except ValueError as exc:  # bad input named by the code that found it
         print(f"qvae {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        if not isinstance(exc, _expected_runtime_errors()):
+            raise  # a bug: keep the traceback
+        print(f"qvae {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"qvae {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _expected_runtime_errors() -> tuple[type[BaseException], ...]:
+    """Failures of the world, not of qvae, each with a message that says what to do: the
+    service down or refusing (no key, a 403 for a locked option), the QPU unavailable under
+    strict=true or over its budget, a diverged run."""
+    from backends.dwave import QPUBudgetExceeded, QPUUnavailable
+    from backends.remote import RemoteError
+    from qvae.train import TrainingDiverged
+
+    return (TrainingDiverged, RemoteError, QPUUnavailable, QPUBudgetExceeded)
+
+
+def _os_error(exc: OSError) -> str:
+    """One line for an OSError: the OS's reason and the path it concerns."""
+    if exc.strerror and exc.filename is not None:
+        other = f" -> {exc.filename2}" if exc.filename2 is not None else ""
+        return f"{exc.filename}{other}: {exc.strerror}"
+    return str(exc)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,11 @@ a user sees "binary from hardware vs continuous from the SDE path".
 from __future__ import annotations
 
 import math
+import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -28,6 +32,13 @@ from qvae.rbm import RBM
 
 #: Visible layers up to this size get an exact reference and a total-variation distance.
 EXACT_REFERENCE_UNITS = 16
+#: Multinomial draws of exact samples behind the TV noise floor (its mean and 99th percentile).
+NOISE_FLOOR_DRAWS = 200
+#: |z| of the mean-energy test above which a backend is flagged: 5 standard errors, so that
+#: flagging a sampler that does draw from the model is a ~1e-6 event even across many backends.
+ENERGY_Z_WARN = 5.0
+#: Seconds between "still sampling" lines while one backend runs (progress=True).
+HEARTBEAT_S = 15.0
 
 
 def moments(v: torch.Tensor, h: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -40,13 +51,21 @@ def reference(rbm: RBM, *, num_samples: int, seed: int) -> dict[str, Any]:
     """Exact moments when enumerable, else moments of a long persistent-Gibbs run."""
     if rbm.n_visible <= EXACT_REFERENCE_UNITS:
         m = exact_moments(rbm)
+        model = rbm.float64_copy()
+        # E is linear in v, h and v hᵀ, so the exact mean energy follows from the moments.
+        energy = -(model.visible_bias @ m["v"] + model.hidden_bias @ m["h"]
+                   + (model.effective_weight() * m["vh"]).sum())
         return {"kind": "exact", "mean": torch.cat([m["v"], m["h"]]), "vh": m["vh"],
-                "p_visible": exact_visible_marginal(rbm)}
-    sampler = backends.get_sampler("gibbs", num_chains=min(num_samples, 2000), burn_in=2000,
-                                   num_sweeps=20)
+                "p_visible": exact_visible_marginal(rbm), "mean_energy": float(energy.detach()),
+                "mean_energy_se": 0.0}
+    chains = min(num_samples, 2000)
+    sampler = backends.get_sampler("gibbs", num_chains=chains, burn_in=2000, num_sweeps=20)
     out = sampler.sample(rbm, num_samples, seed=seed)
+    energies = out.energy.double().cpu()
+    # Standard error over chains, not samples: draws of one chain are correlated.
     return {"kind": f"gibbs ({num_samples} samples, burn-in 2000, 20 sweeps apart)",
-            **moments(out.visible, out.hidden)}
+            **moments(out.visible, out.hidden), "mean_energy": float(energies.mean()),
+            "mean_energy_se": float(energies.std() / math.sqrt(chains))}
 
 
 @torch.no_grad()
@@ -66,6 +85,94 @@ def fit_beta(rbm: RBM, v: torch.Tensor, h: torch.Tensor) -> float:
     return float(minimize_scalar(neg_pl, bounds=(1e-3, 50.0), method="bounded").x)
 
 
+@torch.no_grad()
+def fit_beta_interval(
+    rbm: RBM, v: torch.Tensor, h: torch.Tensor, level: float = 0.95
+) -> tuple[float, float, float]:
+    """(β, low, high): `fit_beta` and its `level` confidence interval.
+
+    The pseudo-likelihood is not a likelihood, so the interval uses the sandwich (robust)
+    variance of an M-estimator, var β̂ = Var(sᵢ) / (n J²), with sᵢ the per-sample score and J the
+    mean curvature at β̂; it assumes the samples are independent (one per chain).
+    """
+    beta = fit_beta(rbm, v, h)
+    model = rbm.float64_copy()
+    v, h = v.double().cpu(), h.double().cpu()
+    a_v = h @ model.weight.T + model.visible_bias
+    a_h = v @ model.weight + model.hidden_bias
+    p_v, p_h = torch.sigmoid(beta * a_v), torch.sigmoid(beta * a_h)
+    score = (a_v * (v - p_v)).sum(1) + (a_h * (h - p_h)).sum(1)
+    curvature = float(((a_v**2 * p_v * (1 - p_v)).sum(1) + (a_h**2 * p_h * (1 - p_h)).sum(1))
+                      .mean())
+    n = len(v)
+    if n < 2 or curvature <= 0:
+        return beta, -math.inf, math.inf
+    se = math.sqrt(float(score.var()) / n) / curvature
+    z = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + level / 2)))
+    return beta, beta - z * se, beta + z * se
+
+
+def tv_noise_floor(
+    p: torch.Tensor, num_samples: int, *, draws: int = NOISE_FLOOR_DRAWS, seed: int = 0
+) -> tuple[float, float]:
+    """(mean, 99th percentile) of the TV that `num_samples` exact samples score against `p`,
+    from `draws` multinomial draws. A TV near the mean says nothing against the backend; one
+    above the percentile is a real difference. (Σ √(p(1−p)/n), the old floor, bounds E|p̂ − p|
+    per state but is loose when n is below the number of states: it exceeded 1, which no TV can.)
+    """
+    gen = torch.Generator().manual_seed(seed)
+    p = p.double().cpu()
+    tvs = []
+    for _ in range(draws):
+        idx = torch.multinomial(p, num_samples, replacement=True, generator=gen)
+        counts = torch.bincount(idx, minlength=p.numel()).double()
+        tvs.append(0.5 * float((counts / num_samples - p).abs().sum()))
+    t = torch.tensor(tvs)
+    return float(t.mean()), float(torch.quantile(t, 0.99))
+
+
+def mixing_warnings(row: dict[str, Any], ref: dict[str, Any]) -> list[str]:
+    """Plain-language flags for samples that are visibly not from the model at β = 1."""
+    warn = []
+    se = math.hypot(row["mean_energy_se"], ref["mean_energy_se"])
+    gap = row["mean_energy"] - ref["mean_energy"]
+    if se > 0 and abs(gap) / se > ENERGY_Z_WARN:
+        warn.append(f"mean energy {row['mean_energy']:.2f} vs reference "
+                    f"{ref['mean_energy']:.2f} (z = {gap / se:.0f}): these samples are not "
+                    "from the model; an MCMC backend has not mixed (raise its burn-in/steps)")
+    lo, hi = row["beta_fit_ci"]
+    if not lo <= 1.0 <= hi:
+        warn.append(f"fitted β {row['beta_fit']:.3f}, 95% CI [{lo:.3f}, {hi:.3f}], excludes 1: "
+                    "the samples are at another temperature (a QPU's β_eff, or not mixed)")
+    if "tv_visible" in row and row["tv_visible"] > row["tv_noise_floor_q99"]:
+        warn.append(f"TV {row['tv_visible']:.3f} above what exact samples of this size score "
+                    f"(≤ {row['tv_noise_floor_q99']:.3f} in 99% of draws)")
+    return warn
+
+
+@contextmanager
+def heartbeat(what: str, every_s: float = HEARTBEAT_S, stream: Any = None) -> Iterator[None]:
+    """Print "what ..." now, "what: still running, N s" every `every_s` seconds while the block
+    runs, and "what: done in N s" after it: a long sampling call shows it is alive."""
+    stream = stream or sys.stdout
+    start, stop = time.perf_counter(), threading.Event()
+    print(f"  {what} ...", file=stream, flush=True)
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            print(f"  {what}: still running, {time.perf_counter() - start:.0f} s", file=stream,
+                  flush=True)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    print(f"  {what}: done in {time.perf_counter() - start:.1f} s", file=stream, flush=True)
+
+
 def _errors(stats: dict[str, torch.Tensor], ref: dict[str, Any]) -> dict[str, float]:
     d_mean = stats["mean"] - ref["mean"]
     d_vh = stats["vh"] - ref["vh"]
@@ -81,7 +188,8 @@ def summarise(rbm: RBM, out: SampleSet, ref: dict[str, Any], seconds: float) -> 
         "wall_s": seconds,
         "samples_per_s": len(out) / seconds if seconds > 0 else math.inf,
         "mean_energy": float(out.energy.double().mean()),
-        "beta_fit": fit_beta(rbm, out.visible, out.hidden),
+        "mean_energy_se": float(out.energy.double().std() / math.sqrt(len(out)))
+        if len(out) > 1 else 0.0,
         **_errors(stats, ref),
         "means": stats["mean"].tolist(),
         "energies": out.energy.double().cpu().tolist(),
@@ -90,18 +198,50 @@ def summarise(rbm: RBM, out: SampleSet, ref: dict[str, Any], seconds: float) -> 
     if "p_visible" in ref:
         p = ref["p_visible"]
         row["tv_visible"] = total_variation(out.visible, p)
-        # What exact samples of this size would score: below it, TV says nothing.
-        row["tv_noise_floor"] = 0.5 * float(torch.sqrt(p * (1 - p) / len(out)).sum())
+        # What exact samples of this size score: near the mean, TV says nothing.
+        row["tv_noise_floor"], row["tv_noise_floor_q99"] = tv_noise_floor(p, len(out))
     if out.continuous is not None:  # continuous backends: statistics before rounding too
         cont = out.continuous.double().cpu()
         cont_stats = moments(cont, out.hidden)
         row["continuous"] = {
             **_errors(cont_stats, ref),
             "mean_energy": float(rbm.float64_copy().energy(cont, out.hidden.double().cpu())
-                                 .mean()),
+                                 .mean().detach()),
             "mean_distance_to_rounded": float((cont - out.visible.double().cpu()).abs().mean()),
         }
+    row["beta_fit"], *ci = fit_beta_interval(rbm, out.visible, out.hidden)
+    row["beta_fit_ci"] = ci
+    row["warnings"] = mixing_warnings(row, ref)
     return row
+
+
+#: What `qvae compare` compares when --backends is not given (those that can run on the model).
+DEFAULT_BACKENDS = ("exact", "gibbs", "neal")
+
+
+def cannot_run(name: str, sampler: Any, rbm: RBM) -> str | None:
+    """Why backend `name` cannot sample `rbm` here (None when it can), known before sampling."""
+    ok, reason = type(sampler).availability()
+    if not ok:
+        return reason
+    max_states = getattr(sampler, "max_states", None)
+    n_small = min(rbm.n_visible, rbm.n_hidden)
+    if name == "exact" and max_states is not None and 2**n_small > max_states:
+        return (f"it would enumerate 2^{n_small} states (the smaller layer has {n_small} units),"
+                f" over max_states={max_states}")
+    return None
+
+
+def default_backends(rbm: RBM) -> tuple[list[str], list[str]]:
+    """(names, notes): DEFAULT_BACKENDS less those that cannot run on `rbm`, each with a note."""
+    names, notes = [], []
+    for name in DEFAULT_BACKENDS:
+        why = cannot_run(name, backends.get_sampler(name), rbm)
+        if why is None:
+            names.append(name)
+        else:
+            notes.append(f"left out {name}: {why}")
+    return names, notes
 
 
 def compare_backends(
@@ -113,6 +253,7 @@ def compare_backends(
     seed: int = 0,
     reference_samples: int = 20000,
     progress: bool = False,
+    heartbeat_s: float = HEARTBEAT_S,
 ) -> dict[str, Any]:
     """Draw `num_samples` from each backend and score them against the reference."""
     rbm.validate()
@@ -121,32 +262,58 @@ def compare_backends(
     if unknown:
         raise ValueError(f"options given for backends not compared: {unknown}")
     samplers = {name: backends.get_sampler(name, **options.get(name, {})) for name in names}
-    ref = reference(rbm, num_samples=reference_samples, seed=seed)
+    refused = {name: why for name, sampler in samplers.items()
+               if (why := cannot_run(name, sampler, rbm)) is not None}
+    if refused:  # before the reference run, which alone can take a minute
+        raise ValueError("cannot compare " + "; ".join(f"{n}: {w}" for n, w in refused.items())
+                         + "; leave it out of --backends")
+    def watched(what: str):  # progress lines around a call that may take minutes
+        return heartbeat(what, heartbeat_s) if progress else _quiet()
+
+    with watched("reference"):
+        ref = reference(rbm, num_samples=reference_samples, seed=seed)
     results: dict[str, Any] = {}
     samples: dict[str, SampleSet] = {}
     for name, sampler in samplers.items():
-        if progress:
-            print(f"  sampling {name} ...", flush=True)
         start = time.perf_counter()
-        out = sampler.sample(rbm, num_samples, seed=seed)
+        with watched(f"sampling {name} ({num_samples} samples)"):
+            out = sampler.sample(rbm, num_samples, seed=seed)
         results[name] = summarise(rbm, out, ref, time.perf_counter() - start)
         samples[name] = out
     return {"reference": ref["kind"], "reference_means": ref["mean"].tolist(),
-            "n_visible": rbm.n_visible, "n_hidden": rbm.n_hidden, "backends": results,
-            "_samples": samples}
+            "reference_mean_energy": ref["mean_energy"],
+            "reference_mean_energy_se": ref["mean_energy_se"],
+            "n_visible": rbm.n_visible, "n_hidden": rbm.n_hidden,
+            "threads": torch.get_num_threads(), "backends": results, "_samples": samples}
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    yield
 
 
 def table(result: dict[str, Any]) -> str:
-    cols = ["wall_s", "samples_per_s", "mean_energy", "beta_fit", "mean_rms_error",
-            "pairwise_rms_error", "tv_visible", "tv_noise_floor"]
-    lines = [f"reference: {result['reference']}",
+    cols = ["wall_s", "samples_per_s", "mean_energy", "beta_fit", "beta_95ci",
+            "mean_rms_error", "pairwise_rms_error", "tv_visible", "tv_noise_floor"]
+    ref_energy = result.get("reference_mean_energy")
+    lines = [f"reference: {result['reference']}"
+             + (f", mean energy {ref_energy:.4g}" if ref_energy is not None else ""),
              f"{'backend':10s} " + " ".join(f"{c:>18s}" for c in cols)]
-    # tv_noise_floor bounds the TV that exact samples of the same size would show.
+    warned = []
     for name, row in result["backends"].items():
-        cells = [f"{row[c]:18.4g}" if c in row else f"{'-':>18s}" for c in cols]
+        shown = dict(row)
+        if "beta_fit_ci" in row:
+            shown["beta_95ci"] = "[{:.3g}, {:.3g}]".format(*row["beta_fit_ci"])
+        cells = [(f"{shown[c]:>18s}" if isinstance(shown[c], str) else f"{shown[c]:18.4g}")
+                 if c in shown else f"{'-':>18s}" for c in cols]
         lines.append(f"{name:10s} " + " ".join(cells))
+        warned += [f"warning: {name}: {w}" for w in row.get("warnings", [])]
         if "continuous" in row:
             c = row["continuous"]
             lines.append(f"{'  (cont.)':10s} {'':>18s} {'':>18s} {c['mean_energy']:18.4g} "
-                         f"{'':>18s} {c['mean_rms_error']:18.4g} {c['pairwise_rms_error']:18.4g}")
-    return "\n".join(lines)
+                         f"{'':>18s} {'':>18s} {c['mean_rms_error']:18.4g} "
+                         f"{c['pairwise_rms_error']:18.4g}")
+    if any("tv_noise_floor" in row for row in result["backends"].values()):
+        lines.append("tv_noise_floor: the mean TV of exact samples of the same size (TV near it "
+                     "says nothing)")
+    return "\n".join(lines + warned)

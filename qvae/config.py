@@ -10,6 +10,7 @@ sampler is called. `--set section.key=value` overrides are parsed as YAML scalar
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: no float key has a use for NaN or ±inf (`--set train.lr_final=.inf`)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+#: Smallest relaxation temperature: below it σ(x/τ) is a hard step in float32 and the
+#: gradients, ∝ 1/τ, swamp the rest (at 1e-300 they are inf, then NaN).
+MIN_TAU = 1e-3
 
 
 class DataConfig(Strict):
@@ -41,7 +48,12 @@ class ModelConfig(Strict):
     rbm_init_std: float = Field(0.01, ge=0, le=10, description="initial RBM coupling std")
     control_hidden: list[int] = Field([200], description="sde: control network hidden widths")
     sde_steps: int = Field(20, ge=1, le=10_000, description="sde: Euler–Maruyama steps")
-    sde_horizon: float = Field(1.0, gt=0, le=1000, description="sde: time horizon T")
+    sde_horizon: float = Field(1.0, ge=1e-3, le=1000, description="sde: time horizon T")
+    groups: int = Field(
+        1, ge=1, le=64, description="dvae: latent groups of the hierarchical posterior "
+        "q(z|x) = Π_g q(z_g|x, z_<g); must divide n_visible + n_hidden (1: factorial)"
+    )
+    batch_norm: bool = Field(False, description="dvae: batch norm after each hidden layer")
 
     @field_validator("encoder_hidden", "decoder_hidden", "control_hidden")
     @classmethod
@@ -49,6 +61,18 @@ class ModelConfig(Strict):
         if any(w < 1 for w in widths):
             raise ValueError(f"layer widths must be >= 1, got {widths}")
         return widths
+
+    @model_validator(mode="after")
+    def _groups_fit(self) -> ModelConfig:
+        n = self.n_visible + self.n_hidden
+        if n % self.groups:
+            raise ValueError(
+                f"model.groups={self.groups} must divide the {n} latent units "
+                "(model.n_visible + model.n_hidden)"
+            )
+        if self.kind == "sde" and (self.groups != 1 or self.batch_norm):
+            raise ValueError("model.groups and model.batch_norm apply to kind=dvae only")
+        return self
 
 
 class BackendConfig(Strict):
@@ -127,18 +151,52 @@ def sampler_options(backend: BackendConfig) -> tuple[str, dict[str, Any]]:
 class TrainConfig(Strict):
     steps: int = Field(1000, ge=1, description="optimizer steps in total")
     lr: float = Field(3e-3, gt=0, le=1, description="Adam learning rate")
-    lr_schedule: Literal["constant", "cosine", "exponential"] = Field(
-        "cosine", description="lr from train.lr to train.lr_final: constant, cosine, exponential"
+    lr_schedule: Literal["constant", "cosine", "exponential", "piecewise"] = Field(
+        "cosine", description="lr from train.lr to train.lr_final: constant, cosine, "
+        "exponential; piecewise: the DVAE reference's lr/10 to 2 %, lr to 60 %, lr/3 to 75 %, "
+        "lr/10 to 95 %, lr/33 after (lr_final unused)"
     )
-    lr_final: float = Field(1e-4, ge=0, description="learning rate at the last step")
+    lr_final: float = Field(1e-4, ge=0, le=1, description="learning rate at the last step")
+    adam_eps: float = Field(1e-8, ge=1e-12, le=1, description="Adam ε (the DVAE reference: 1e-3)")
+    weight_decay: float = Field(
+        0.0, ge=0, le=1, description="coefficient of ½Σw² over network weights, batch-norm "
+        "scales and the RBM couplings, added to the loss (the DVAE reference: 1e-4)"
+    )
     kl_warmup_steps: int = Field(0, ge=0, description="steps over which the KL weight rises 0→1")
-    tau_start: float = Field(1.0, gt=0, le=10, description="relaxation temperature at step 0")
-    tau_end: float = Field(0.25, gt=0, le=10, description="relaxation temperature at the end")
+    kl_warmup_fraction: float = Field(
+        0.0, ge=0, le=1, description="KL warm-up as a fraction of train.steps (the DVAE "
+        "reference: 0.3); exclusive with kl_warmup_steps"
+    )
+    tau_start: float = Field(1.0, ge=MIN_TAU, le=10,
+                             description="relaxation temperature at step 0")
+    tau_end: float = Field(0.25, ge=MIN_TAU, le=10,
+                           description="relaxation temperature at the end")
     num_iw: int = Field(1, ge=1, le=1000, description="importance samples in the training bound")
     grad_clip: float | None = Field(None, gt=0, description="max gradient norm (None: off)")
     log_every: int = Field(50, ge=1, description="steps between metric rows")
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
     sample_grid: int = Field(64, ge=0, le=1024, description="prior samples decoded at the end")
+    validate_every: int = Field(
+        0, ge=0, description="steps between validation NLL estimates; the best so far is kept "
+        "as best.pt beside last.pt and evaluated at the end (0: off)"
+    )
+    validate_examples: int | None = Field(
+        1000, ge=1, description="validation examples used (None: the whole split)"
+    )
+    validate_num_iw: int = Field(100, ge=1, le=5000, description="K of the validation NLL")
+    validate_ais_betas: int = Field(
+        1000, ge=10, le=1_000_000, description="AIS temperatures of the validation log Z "
+        "(exact when the smaller RBM layer has <= eval.exact_limit_units units)"
+    )
+    validate_ais_runs: int = Field(100, ge=2, le=100_000, description="AIS runs, validation")
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> TrainConfig:
+        if self.kl_warmup_steps and self.kl_warmup_fraction:
+            raise ValueError(
+                "set one of train.kl_warmup_steps and train.kl_warmup_fraction, not both"
+            )
+        return self
 
 
 class EvalConfig(Strict):
@@ -160,6 +218,10 @@ class Config(Strict):
     name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$", description="run name")
     seed: int = Field(0, ge=0, description="seed for data order, init and samplers")
     device: str = Field("cpu", description="'cpu' or 'cuda'")
+    threads: int | None = Field(
+        None, ge=1, le=1024, description="torch CPU threads for train/evaluate (--threads N); "
+        "None: chosen from the work's size, 1 for the shipped training configs (qvae.threads)"
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     backend: BackendConfig = Field(default_factory=BackendConfig)
@@ -194,7 +256,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, value = item.split("=", 1)
-        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item}: the value is not valid YAML; quote it or fix "
+                              "the brackets") from None
+        _set_dotted(raw, key.strip(), parsed)
     return raw
 
 
@@ -207,8 +274,38 @@ def format_errors(err: ValidationError) -> str:
             msg = "unknown key"
         elif e["type"] == "literal_error":
             msg = f"{msg}, got {e.get('input')!r}"
+        elif e["type"] in _RANGE_ERRORS:
+            allowed = _allowed_range(e["loc"])
+            msg = f"{msg}, got {e.get('input')!r}" + (f" (allowed: {allowed})" if allowed else "")
         lines.append(f"  {where}: {msg}")
     return "invalid config:\n" + "\n".join(lines)
+
+
+_RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal",
+                 "finite_number")
+
+
+def _allowed_range(loc: tuple[Any, ...]) -> str | None:
+    """'0.001 <= x <= 10' for the numeric field at `loc` of Config, from its Field bounds."""
+    model: Any = Config
+    info = None
+    for key in loc:
+        fields = getattr(model, "model_fields", None)
+        if not isinstance(key, str) or not fields or key not in fields:
+            return None
+        info = fields[key]
+        model = info.annotation
+    if info is None:
+        return None
+    low = high = ""
+    for m in info.metadata:
+        for attr, sign in (("ge", "<="), ("gt", "<")):
+            if getattr(m, attr, None) is not None:
+                low = f"{getattr(m, attr)} {sign} "
+        for attr, sign in (("le", "<="), ("lt", "<")):
+            if getattr(m, attr, None) is not None:
+                high = f" {sign} {getattr(m, attr)}"
+    return f"{low}{loc[-1]}{high}, finite" if low or high else "a finite number"
 
 
 def validate_config(raw: dict[str, Any]) -> Config:
@@ -219,21 +316,97 @@ def validate_config(raw: dict[str, Any]) -> Config:
 
 
 def read_yaml(path: str | Path | None, what: str = "config") -> dict[str, Any]:
-    """The mapping in a YAML file ({} when path is None); ConfigError when missing or not one."""
+    """The mapping in a YAML file ({} when path is None); ConfigError when missing or not one.
+
+    `path` may also name a shipped config (`quickstart`, `paper/1-layer-lin`): see
+    `qvae.configs_path`.
+    """
+    from qvae.configs_path import resolve_config_path
+
     if path is None:
         return {}
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what} file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        path = resolve_config_path(path, what)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8); pass a YAML file") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise ConfigError(f"{path}{where}: {problem}; fix the YAML syntax") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read YAML (or start from defaults when path is None), apply overrides, validate."""
-    return validate_config(apply_overrides(read_yaml(path), list(overrides or [])))
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None,
+    *, backend: str | None = None, notes: list[str] | None = None,
+) -> Config:
+    """Read YAML (or start from defaults when path is None), apply overrides, validate.
+
+    `backend` is `--backend`: see `switch_backend` (its notes are appended to `notes`).
+    """
+    return validate_config(switched(read_yaml(path), list(overrides or []), backend, notes))
+
+
+def switched(
+    raw: dict[str, Any], overrides: list[str], backend: str | None,
+    notes: list[str] | None = None,
+) -> dict[str, Any]:
+    """`raw` with `--backend` and then the `--set` overrides applied (see `switch_backend`)."""
+    if backend is not None:
+        found = switch_backend(raw, backend, overrides)
+        if notes is not None:
+            notes.extend(found)
+    return apply_overrides(raw, overrides)
+
+
+def _sampling_backend(section: dict[str, Any]) -> str:
+    """The backend that reads backend.options: the name, or remote's target."""
+    name = section.get("name", "gibbs")
+    return section.get("target") or name if name == "remote" else name
+
+
+def switch_backend(raw: dict[str, Any], name: str, overrides: list[str]) -> list[str]:
+    """Set backend.name=`name` in `raw` (in place), dropping what belongs to the file's backend.
+
+    backend.options belong to the backend that reads them (the name, or remote's target): when
+    `--backend` (plus any `--set backend.target=...`) samples with a different one, the file's
+    options are dropped and so are remote-only keys a non-remote backend refuses. Options given
+    with `--set backend.options.KEY=VALUE` are applied afterwards and always kept. Returns one
+    note per dropped group, for the CLI to print.
+    """
+    section = raw.get("backend")
+    if not isinstance(section, dict):
+        section = raw["backend"] = {}
+    before = _sampling_backend(section)
+    probe = apply_overrides(copy.deepcopy({**raw, "backend": {**section, "name": name}}),
+                            overrides)
+    after = _sampling_backend(probe.get("backend") or {})
+    section["name"] = name
+    notes = []
+    if after != before and section.get("options"):
+        dropped = section.pop("options")
+        notes.append(
+            f"--backend {name}: dropped the file's backend.options {dropped} (they are "
+            f"{before}'s); set {after}'s with --set backend.options.KEY=VALUE "
+            f"(`qvae backends` lists them)"
+        )
+    if name != "remote":
+        stray = [key for key in REMOTE_ONLY if section.get(key)]
+        for key in stray:
+            section.pop(key)
+        if stray:
+            notes.append(f"--backend {name}: dropped the file's backend.{'/'.join(stray)} "
+                         "(only backend 'remote' reads them)")
+    return notes
 
 
 def describe() -> str:

@@ -15,6 +15,7 @@ The MNIST splits live bit-packed in ``qvae/data/binarized_mnist.npz`` (see
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -183,3 +184,35 @@ def batches(
             yield data[start : start + batch_size]
         else:
             yield data[order[start : start + batch_size]]
+
+
+def grid_shape(n_pixels: int) -> tuple[int, int]:
+    """(H, W) to draw `n_pixels` values as an image when nothing says otherwise: the most
+    nearly square factorisation, H <= W (784 -> (28, 28), 60 -> (6, 10), a prime p -> (1, p)).
+
+    >>> grid_shape(784), grid_shape(60), grid_shape(7)
+    ((28, 28), (6, 10), (1, 7))
+    """
+    h = max(d for d in range(1, math.isqrt(n_pixels) + 1) if n_pixels % d == 0)
+    return h, n_pixels // h
+
+
+def image_shape(name_or_path: str | Path, n_pixels: int) -> tuple[int, int]:
+    """(H, W) of the examples of a data set: MNIST's 28×28, the (H, W) of a user's rank-3
+    (N, H, W) array, else `grid_shape(n_pixels)` (also when the data is no longer there).
+
+    >>> image_shape("mnist", 784)
+    (28, 28)
+    """
+    if str(name_or_path).lower() == "mnist":
+        return 28, 28
+    path = Path(name_or_path)
+    if path.is_dir():
+        path = next((p for p in (path / "train.npy", path / "train.npz") if p.is_file()), path)
+    try:
+        shape = np.load(path, mmap_mode="r").shape if path.suffix == ".npy" else _read(path).shape
+    except (OSError, ValueError):
+        shape = ()
+    if len(shape) == 3 and shape[1] * shape[2] == n_pixels:
+        return int(shape[1]), int(shape[2])
+    return grid_shape(n_pixels)

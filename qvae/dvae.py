@@ -1,6 +1,6 @@
 """Discrete VAE whose prior is an RBM over all latent units z = [v, h] (GumBolt-style training).
 
-Training maximises the relaxed bound (DESIGN.md, "DVAE / QVAE objective")
+Training maximises the relaxed bound (docs/bounds.md)
 
     L̃(x) = E_L[log p(x|ζ) - E(ζ) - log q̃(ζ|x)] - log Z,   ζ = σ((α + L)/τ), L ~ Logistic(0, 1),
 
@@ -12,30 +12,27 @@ latent spaces) the exact log p(x).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qvae.networks import ACTIVATIONS as _ACTIVATIONS
+from qvae.networks import apply_mlp, mlp
 from qvae.rbm import RBM, enumerate_states
 from qvae.relax import sample_logistic
 
-_ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU,
-    "sigmoid": nn.Sigmoid, "gelu": nn.GELU, "silu": nn.SiLU,
-}
 MAX_EXACT_LATENT = 20
+#: Bound on model.groups: each group is its own encoder network.
+MAX_GROUPS = 64
 
 
 def _mlp(sizes: Sequence[int], activation: str) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(_ACTIVATIONS[activation]())
-    return nn.Sequential(*layers)
+    """The plain MLP (kept under this name for qvae.sde)."""
+    return mlp(sizes, activation)
 
 
 def _log_bernoulli(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -59,6 +56,35 @@ def init_output_bias(decoder: nn.Sequential, pixel_mean: Any, n_pixels: int) -> 
         decoder[-1].bias.copy_(torch.logit(mean.clamp(1e-3, 1 - 1e-3)))
 
 
+def _check_input_shape(shape: Sequence[int] | None, n_pixels: int) -> tuple[int, ...] | None:
+    """The shape one example takes for a custom encoder, e.g. (1, 28, 28); None: flat."""
+    if shape is None:
+        return None
+    dims = tuple(shape)
+    if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims) \
+            or math.prod(dims) != n_pixels:
+        raise ValueError(
+            f"input_shape must be whole numbers >= 1 whose product is n_pixels={n_pixels}, "
+            f"e.g. (1, 28, 28) for 784; got {shape!r}"
+        )
+    return dims
+
+
+def _shape_of(value: Any) -> str:
+    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def _run_custom(call: Any, name: str, shape: tuple[int, ...], hint: str = "") -> Any:
+    """`call()`, with any error of the user's module turned into one that names the input shape."""
+    try:
+        return call()
+    except Exception as exc:
+        first = " ".join(str(exc).split())[:300]
+        raise ValueError(
+            f"{name} failed on an input of shape {shape}: {type(exc).__name__}: {first}{hint}"
+        ) from exc
+
+
 def _check_count(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -70,6 +96,11 @@ class DVAE(nn.Module):
 
     The default shape is the published "1-layer nonlinear" MNIST model: 784-200-200-200 encoder,
     200 latent units (100 visible + 100 hidden RBM units), mirrored decoder.
+
+    Any nn.Module can be the encoder (x (B, n_pixels), or (B, *input_shape) when input_shape is
+    given, to logits (B, n_latent)) or the decoder (z (B, n_latent) to pixel logits with
+    n_pixels per example): `encoder=`, `decoder=`. They are checked at construction by one
+    batch of two, and a checkpoint cannot rebuild them (see `custom_modules`).
 
     >>> import torch
     >>> m = DVAE(n_pixels=8, n_visible=3, n_hidden=2, encoder_hidden=[16], decoder_hidden=[16],
@@ -97,9 +128,38 @@ class DVAE(nn.Module):
         rbm_mask: torch.Tensor | None = None,
         pixel_mean: torch.Tensor | None = None,
         seed: int | None = None,
+        groups: int = 1,
+        batch_norm: bool = False,
+        *,
+        encoder: nn.Module | None = None,
+        decoder: nn.Module | None = None,
+        input_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         _check_count(n_pixels, "n_pixels")
+        _check_count(groups, "groups")
+        n_latent = n_visible + n_hidden
+        self.input_shape = _check_input_shape(input_shape, n_pixels)
+        custom = {name: net for name, net in (("encoder", encoder), ("decoder", decoder))
+                  if net is not None}
+        for name, net in custom.items():
+            if not isinstance(net, nn.Module):
+                raise TypeError(f"{name} must be a torch.nn.Module, got {type(net).__name__}")
+        if custom and groups != 1:
+            raise ValueError(
+                "a custom encoder gives the logits of a factorial posterior: use groups=1 "
+                "(hierarchical groups build their own MLP encoders)"
+            )
+        if "decoder" in custom and pixel_mean is not None:
+            raise ValueError(
+                "pixel_mean initialises the output bias of the built-in MLP decoder; with your "
+                "own decoder, initialise it yourself and leave pixel_mean out"
+            )
+        if groups > MAX_GROUPS or n_latent % groups:
+            raise ValueError(
+                f"groups must divide the {n_latent} latent units (n_visible + n_hidden) and be "
+                f"<= {MAX_GROUPS}, got {groups}"
+            )
         if activation not in _ACTIVATIONS:
             raise ValueError(
                 f"unknown activation {activation!r}; use one of {sorted(_ACTIVATIONS)}"
@@ -112,15 +172,31 @@ class DVAE(nn.Module):
         self.n_pixels, self.activation, self.seed = n_pixels, activation, seed
         self.encoder_hidden, self.decoder_hidden = enc, dec
         self.rbm_init_std = float(rbm_init_std)
-        n_latent = n_visible + n_hidden
+        self.groups, self.batch_norm = groups, bool(batch_norm)
+        size = n_latent // groups
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
-            self.encoder = _mlp([n_pixels, *enc, n_latent], activation)
-            self.decoder = _mlp([n_latent, *dec, n_pixels], activation)
+            if "encoder" in custom:
+                self.encoder: nn.Module = custom["encoder"]
+            elif groups == 1:  # the factorial posterior: one network (state-dict keys unchanged)
+                self.encoder = mlp([n_pixels, *enc, n_latent], activation, batch_norm)
+            else:  # group g's network reads x and the samples of groups 0..g-1
+                self.encoder = nn.ModuleList(
+                    mlp([n_pixels + g * size, *enc, size], activation, batch_norm)
+                    for g in range(groups)
+                )
+            self.decoder = (custom["decoder"] if "decoder" in custom
+                            else mlp([n_latent, *dec, n_pixels], activation, batch_norm))
+        #: Class paths of the networks passed in: a checkpoint cannot rebuild them (it holds
+        #: weights, never code), so load_model refuses such a run with what to do instead.
+        self.custom_modules = {name: f"{type(net).__module__}.{type(net).__qualname__}"
+                               for name, net in custom.items()}
         self.prior = RBM(n_visible, n_hidden, mask=rbm_mask, init_std=rbm_init_std, seed=seed)
         if pixel_mean is not None:
             init_output_bias(self.decoder, pixel_mean, n_pixels)
+        if custom:
+            self._dry_run()
 
     @property
     def n_latent(self) -> int:
@@ -129,7 +205,9 @@ class DVAE(nn.Module):
     def config_dict(self) -> dict[str, Any]:
         """Constructor arguments (plain Python values) to rebuild the model; load the state dict
         for the weights. The mask, if any, is stored as nested lists; pixel_mean only initialises
-        a bias that the state dict holds, so it is left out."""
+        a bias that the state dict holds, so it is left out. Networks passed in as `encoder` /
+        `decoder` are not arguments any config can rebuild: `custom_modules` names them, and
+        the trainer's checkpoint records it so that qvae.checkpoint.load_model says so."""
         mask = self.prior.mask
         return {
             "n_pixels": self.n_pixels, "n_visible": self.prior.n_visible,
@@ -137,7 +215,54 @@ class DVAE(nn.Module):
             "decoder_hidden": list(self.decoder_hidden), "activation": self.activation,
             "rbm_init_std": self.rbm_init_std,
             "rbm_mask": None if mask is None else mask.int().tolist(), "seed": self.seed,
+            "groups": self.groups, "batch_norm": self.batch_norm,
+            "input_shape": None if self.input_shape is None else list(self.input_shape),
         }
+
+    def _dry_run(self) -> None:
+        """Pass a batch of two through the networks given by the caller (eval mode, no grad),
+        so a wrong shape fails here, naming the shape expected, not deep inside training."""
+        def like(net: nn.Module, *shape: int) -> torch.Tensor:  # on the module's device/dtype
+            first = next(net.parameters(), None)
+            return torch.zeros(shape) if first is None else first.new_zeros(shape)
+
+        x = like(self.encoder, 2, self.n_pixels)
+        shown = (2, *self.input_shape) if self.input_shape is not None else (2, self.n_pixels)
+        z = like(self.decoder, 2, self.n_latent)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                if "encoder" in self.custom_modules:
+                    hint = ("; if it takes images, pass input_shape, e.g. (1, 28, 28)"
+                            if self.input_shape is None else "")
+                    out = _run_custom(lambda: self.encoder(self._shaped(x)), "encoder", shown,
+                                      hint)
+                    if tuple(out.shape) != (2, self.n_latent):
+                        raise ValueError(
+                            f"encoder must map x of shape {shown} to logits of shape "
+                            f"(2, {self.n_latent}) (batch, n_visible + n_hidden); it returned "
+                            f"{_shape_of(out)}"
+                        )
+                if "decoder" in self.custom_modules:
+                    out = _run_custom(lambda: self.decoder(z), "decoder", (2, self.n_latent))
+                    if not isinstance(out, torch.Tensor) or out.dim() < 2 or out.shape[0] != 2 \
+                            or out[0].numel() != self.n_pixels:
+                        raise ValueError(
+                            f"decoder must map z of shape (2, {self.n_latent}) to data logits "
+                            f"of shape (2, {self.n_pixels}) (or (2, *input_shape)); it returned "
+                            f"{_shape_of(out)}"
+                        )
+        finally:
+            self.train(was_training)
+
+    def _shaped(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, n_pixels) as the encoder takes it: (B, *input_shape) when that is set."""
+        return x if self.input_shape is None else x.reshape(x.shape[0], *self.input_shape)
+
+    def _encoder_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The factorial posterior's logits (B, n_latent) from the one encoder network."""
+        return self.encoder(self._shaped(x))
 
     # ------------------------------------------------------------------ checks
     def _check_x(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,12 +278,56 @@ class DVAE(nn.Module):
 
     # ------------------------------------------------------------------ pieces
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Posterior logits α(x), shape (B, n_latent)."""
-        return self.encoder(self._check_x(x))
+        """Posterior logits α(x), shape (B, n_latent), of the factorial posterior (groups = 1;
+        with groups the logits depend on the samples: use `posterior`)."""
+        if self.groups > 1:
+            raise ValueError(
+                "encode() gives the logits of a factorial posterior; with groups > 1 they depend "
+                "on the earlier groups' samples: use posterior(x, ...)"
+            )
+        return self._encoder_logits(self._check_x(x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Pixel logits for latents z (any leading shape), shape (..., n_pixels)."""
-        return self.decoder(z)
+        if "decoder" not in self.custom_modules:
+            return apply_mlp(self.decoder, z)
+        out = self.decoder(z.reshape(-1, z.shape[-1]))  # a custom decoder sees (N, n_latent)
+        return out.reshape(*z.shape[:-1], self.n_pixels)
+
+    def posterior(
+        self, x: torch.Tensor, num_samples: int = 1, *, tau: float | None = None,
+        generator: Any = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw z ~ q(z|x) = Π_g q(z_g | x, z_<g): returns (logits, z), both (S, B, n_latent).
+
+        tau=None draws hard z ∈ {0,1} (evaluation); tau > 0 the relaxed ζ = σ((α + L)/τ) that
+        later groups read (training). For one group the logits are (B, n_latent), broadcast over S.
+        The noise is drawn group by group, so one group draws exactly what it always did.
+        """
+        x = self._check_x(x)
+        _check_count(num_samples, "num_samples")
+        if tau is not None and not (
+            isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0
+        ):
+            raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
+        draw = self._hard_sample if tau is None else (
+            lambda lg, s, g: self.relaxed_sample(lg, tau, s, g))
+        if self.groups == 1:
+            logits = self._encoder_logits(x)
+            return logits, draw(logits, num_samples, generator)
+        all_logits, samples = [], []
+        xs = x.expand(num_samples, *x.shape)
+        for g, net in enumerate(self.encoder):
+            if g == 0:  # x alone: one pass per example, shared by the S samples
+                first = net(x)
+                logits = first.expand(num_samples, *first.shape)
+                z = draw(first, num_samples, generator)
+            else:
+                logits = apply_mlp(net, torch.cat([xs, *samples], -1))
+                z = draw(logits, 1, generator)[0]
+            all_logits.append(logits)
+            samples.append(z)
+        return torch.cat(all_logits, -1), torch.cat(samples, -1)
 
     def relaxed_sample(
         self, logits: torch.Tensor, tau: float, num_samples: int = 1, generator: Any = None
@@ -215,8 +384,7 @@ class DVAE(nn.Module):
             raise ValueError("negative samples contain NaN or infinite values")
         if not (isinstance(kl_weight, (int, float)) and math.isfinite(kl_weight)) or kl_weight < 0:
             raise ValueError(f"kl_weight must be a finite number >= 0, got {kl_weight!r}")
-        logits = self.encoder(x)
-        zeta = self.relaxed_sample(logits, tau, num_samples, generator)
+        logits, zeta = self.posterior(x, num_samples, tau=tau, generator=generator)
         log_px, energy, log_q = self._log_weights(x, logits, zeta)
         kl = energy + log_q
         weights = log_px - kl_weight * kl  # (K, B)
@@ -239,10 +407,9 @@ class DVAE(nn.Module):
         self, x: torch.Tensor, log_z: float, num_samples: int = 1, generator: Any = None
     ) -> torch.Tensor:
         """E_q[log p(x|z) - E(z) - log q(z|x)] - log Z with hard z ~ q(z|x), shape (B,)."""
-        x = self._check_x(x)
-        logits = self.encoder(x)
-        z = self._hard_sample(logits, _check_count(num_samples, "num_samples"), generator)
-        log_px, energy, log_q = self._log_weights(x, logits, z)
+        with self._evaluating():
+            logits, z = self.posterior(x, num_samples, generator=generator)
+            log_px, energy, log_q = self._log_weights(x, logits, z)
         return (log_px - energy - log_q).mean(0) - float(log_z)
 
     @torch.no_grad()
@@ -256,12 +423,13 @@ class DVAE(nn.Module):
         x = self._check_x(x)
         _check_count(num_samples, "num_samples")
         _check_count(batch_chunk, "batch_chunk")
-        logits = self.encoder(x)
         parts = []
-        for start in range(0, num_samples, batch_chunk):
-            z = self._hard_sample(logits, min(batch_chunk, num_samples - start), generator)
-            log_px, energy, log_q = self._log_weights(x, logits, z)
-            parts.append(torch.logsumexp((log_px - energy - log_q).double(), 0))
+        with self._evaluating():
+            for start in range(0, num_samples, batch_chunk):
+                logits, z = self.posterior(x, min(batch_chunk, num_samples - start),
+                                           generator=generator)
+                log_px, energy, log_q = self._log_weights(x, logits, z)
+                parts.append(torch.logsumexp((log_px - energy - log_q).double(), 0))
         total = torch.logsumexp(torch.stack(parts), 0)
         return (total - math.log(num_samples) - float(log_z)).to(x.dtype)
 
@@ -276,11 +444,12 @@ class DVAE(nn.Module):
                 f"2^{MAX_EXACT_LATENT}; use iw_bound for a model this size"
             )
         dev, parts = x.device, []
-        for start in range(0, 2**n, chunk):
-            z = enumerate_states(n, start, min(start + chunk, 2**n), x.dtype).to(dev)
-            logits = self.decode(z)  # (C, P): log p(x|z) = x·logσ(l) + (1-x)·logσ(-l)
-            log_px = x @ F.logsigmoid(logits).T + (1 - x) @ F.logsigmoid(-logits).T
-            parts.append((log_px - self.prior_energy(z)).double())
+        with self._evaluating():
+            for start in range(0, 2**n, chunk):
+                z = enumerate_states(n, start, min(start + chunk, 2**n), x.dtype).to(dev)
+                logits = self.decode(z)  # (C, P): log p(x|z) = x·logσ(l) + (1-x)·logσ(-l)
+                log_px = x @ F.logsigmoid(logits).T + (1 - x) @ F.logsigmoid(-logits).T
+                parts.append((log_px - self.prior_energy(z)).double())
         return (torch.logsumexp(torch.cat(parts, 1), 1) - float(log_z)).to(x.dtype)
 
     @torch.no_grad()
@@ -288,4 +457,35 @@ class DVAE(nn.Module):
         """Pixel probabilities σ(decode(z)) for latent states z (e.g. prior samples)."""
         if z.shape[-1] != self.n_latent:
             raise ValueError(f"z must end in {self.n_latent} units, got shape {tuple(z.shape)}")
-        return torch.sigmoid(self.decode(z.to(self.prior.weight.dtype)))
+        with self._evaluating():
+            return torch.sigmoid(self.decode(z.to(self.prior.weight.dtype)))
+
+    @torch.no_grad()
+    def log_posterior(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """log q(z|x) of given hard states z (S, B, n_latent) -> (S, B), evaluation mode."""
+        x = self._check_x(x)
+        if z.dim() != 3 or z.shape[1:] != (x.shape[0], self.n_latent):
+            raise ValueError(
+                f"z must have shape (S, {x.shape[0]}, {self.n_latent}), got {tuple(z.shape)}"
+            )
+        z = z.to(x.dtype)
+        with self._evaluating():
+            if self.groups == 1:
+                return _log_bernoulli(self._encoder_logits(x), z)
+            size, xs = self.n_latent // self.groups, x.expand(z.shape[0], *x.shape)
+            total = torch.zeros(z.shape[:2], dtype=x.dtype, device=x.device)
+            for g, net in enumerate(self.encoder):
+                logits = apply_mlp(net, torch.cat([xs, z[..., : g * size]], -1))
+                total = total + _log_bernoulli(logits, z[..., g * size : (g + 1) * size])
+            return total
+
+    @contextmanager
+    def _evaluating(self) -> Iterator[None]:
+        """Evaluation mode for the duration (batch norm uses its running statistics, so each
+        example's bound does not depend on the rest of the batch); the previous mode after."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)

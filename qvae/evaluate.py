@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from qvae.atomic import write_bytes_atomic
+from qvae.callable_module import make_callable
 from qvae.config import Config
 from qvae.datasets import load_dataset
 from qvae.dvae import DVAE
@@ -39,13 +41,57 @@ def estimate_log_z(model: DVAE, cfg: Config, *, progress: bool = False) -> dict[
 
 
 @torch.no_grad()
+def validation_nll(
+    model: DVAE, cfg: Config, data: torch.Tensor, seed: int
+) -> dict[str, Any]:
+    """The cheap NLL estimate used to select checkpoints during training.
+
+    −IW_K bound with K = train.validate_num_iw on `data`, log Z exact for a small layer and AIS
+    with train.validate_ais_betas × train.validate_ais_runs otherwise. Every draw is seeded from
+    `seed` (the trainer passes one derived from the step), so a resumed run repeats it exactly.
+    The model's train/eval mode is restored afterwards.
+    """
+    t, was_training = cfg.train, model.training
+    model.eval()
+    start = time.perf_counter()
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    log_z, log_z_std, method = 0.0, 0.0, "none (path measure, no log Z)"
+    if model.needs_negative_phase:
+        est = log_partition(model.prior, exact_limit_units=cfg.eval.exact_limit_units,
+                            num_betas=t.validate_ais_betas, num_runs=t.validate_ais_runs,
+                            seed=seed)
+        log_z, log_z_std, method = est.log_z, est.log_z_std, est.method
+    iws = []
+    try:
+        for i in range(0, len(data), cfg.data.eval_batch_size):
+            x = data[i : i + cfg.data.eval_batch_size].to(device)
+            if model.needs_negative_phase:
+                iws.append(model.iw_bound(x, log_z, num_samples=t.validate_num_iw,
+                                          generator=gen).double().cpu())
+            else:
+                iws.append(model.iw_bound(x, num_samples=t.validate_num_iw,
+                                          generator=gen).double().cpu())
+    finally:
+        model.train(was_training)
+    iw = torch.cat(iws)
+    return {"nll": float(-iw.mean()),
+            "nll_stderr_examples": float(iw.std() / math.sqrt(len(iw))) if len(iw) > 1 else 0.0,
+            "log_z": log_z, "log_z_std": log_z_std, "log_z_method": method,
+            "num_examples": len(iw), "num_iw": t.validate_num_iw,
+            "seconds": time.perf_counter() - start}
+
+
+@torch.no_grad()
 def evaluate_model(
-    model: DVAE, cfg: Config, out_path: str | Path | None = None, *, progress: bool = True
+    model: DVAE, cfg: Config, out_path: str | Path | None = None, *, progress: bool = True,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate on `cfg.eval.split`; write JSON to `out_path` when given; return the dict."""
     from tqdm.auto import tqdm
 
     model.eval()
+    check_finite_parameters(model)
     start = time.perf_counter()
     data = load_dataset(cfg.data.dataset, cfg.eval.split)
     if cfg.eval.max_examples is not None:
@@ -84,8 +130,42 @@ def evaluate_model(
         "nll_spread_from_log_z": logz["log_z_std"],
         **logz,
         "seconds": time.perf_counter() - start,
+        **(extra or {}),
     }
+    check_finite_result(result)
     if out_path is not None:
-        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_path).write_text(json.dumps(result, indent=2))
+        write_bytes_atomic(out_path, json.dumps(result, indent=2, allow_nan=False).encode())
     return result
+
+
+class NonFiniteResult(ValueError):
+    """An evaluation that came out NaN/inf: refused (JSON has no NaN), with the likely cause."""
+
+
+def check_finite_parameters(model: torch.nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p.detach()).all()):
+            raise NonFiniteResult(
+                f"cannot evaluate: model parameter {name} holds NaN/inf (a diverged run); use "
+                "an earlier checkpoint or retrain with a lower train.lr / larger train.tau_end"
+            )
+
+
+def check_finite_result(result: dict[str, Any]) -> None:
+    """NonFiniteResult naming each non-finite number and its likely cause; nothing is written."""
+    bad = {k: v for k, v in result.items()
+           if isinstance(v, float) and not math.isfinite(v)}
+    if not bad:
+        return
+    if "log_z" in bad or "log_z_std" in bad:
+        cause = ("log Z is not finite: the RBM's couplings are too large for the "
+                 f"{result.get('method')} estimate")
+    else:
+        cause = ("the model's bound is not finite on some examples (saturated decoder or "
+                 "posterior probabilities)")
+    shown = ", ".join(f"{k} = {v}" for k, v in bad.items())
+    raise NonFiniteResult(f"evaluation gave {shown}: {cause}; no result was written")
+
+
+# `qvae.evaluate(model, cfg)` calls evaluate_model() (qvae.callable_module says why).
+make_callable(__name__, evaluate_model)

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from qvae.rbm import RBM
+from qvae.threads import torch_threads
 
 SCHEDULES = ("linear", "sigmoid")
 #: Below this many multiply-adds per matmul, the AIS loop runs single-threaded: tiny
@@ -120,20 +120,6 @@ def make_betas(num_betas: int, schedule: str | Sequence[float] | torch.Tensor) -
     return betas
 
 
-@contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """Temporarily set torch's intra-op thread count (None: leave it alone)."""
-    old = torch.get_num_threads()
-    if n is None or n >= old:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def _anneal(
     v: torch.Tensor,
     w: torch.Tensor,
@@ -220,7 +206,7 @@ def ais_log_partition(
     ).to(torch.float64)
     log_w = torch.full((num_runs,), log_z_base, dtype=torch.float64, device=dev)
     single = dev.type == "cpu" and num_runs * nv * nh <= SINGLE_THREAD_MAX_WORK
-    with _torch_threads(1 if single else None):
+    with torch_threads(1 if single else None):
         log_w += _anneal(v, w, b, c, betas_list, gen, progress)
 
     log_w = log_w.cpu()

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qvae import cancel
+
 #: Largest number of states `log_partition` and the exact sampler will enumerate.
 MAX_ENUMERATION_STATES = 2**24
 
@@ -174,7 +176,7 @@ class RBM(nn.Module):
             raise ValueError(
                 f"exact log Z needs 2^{n_small} states (the smaller layer has {n_small} units), "
                 f"over the limit of {max_states}; estimate it with annealed importance "
-                "sampling instead: qvae.logz.ais_log_partition(rbm)"
+                "sampling instead (CLI: --logz ais; Python: qvae.logz.ais_log_partition(rbm))"
             )
         return torch.logsumexp(self._neg_marginal_free_energies(), 0)
 
@@ -190,6 +192,7 @@ class RBM(nn.Module):
         for start in range(0, 2**n, chunk):
             states = enumerate_states(n, start, min(start + chunk, 2**n), torch.float64)
             parts.append(-fe(states.to(model.weight.device)))
+            cancel.check()  # a service's wall-time limit or shutdown stops it here
         return torch.cat(parts)
 
     def float64_copy(self) -> RBM:
@@ -250,7 +253,7 @@ class RBM(nn.Module):
                 a, b = b, a
             if not (a in vi and b in hi):
                 raise ValueError(f"interaction ({a!r}, {b!r}) is within one layer: not an RBM")
-            w[vi[a], hi[b]] = -bias
+            w[vi[a], hi[b]] = -float(bias)  # float: a Float32BQM gives numpy.float32
         with torch.no_grad():
             rbm.weight.copy_(w)
             rbm.visible_bias.copy_(torch.tensor([-bqm.get_linear(x) for x in visible]))

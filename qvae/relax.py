@@ -1,7 +1,7 @@
 """A proper continuous relaxation of an RBM's visible marginal, for Langevin and MALA.
 
 The relaxed free energy F(v) on v ∈ ℝ^n is unbounded below, so Langevin dynamics on it
-diverge. Instead (DESIGN.md, "Continuous relaxation") we sample u ∈ ℝ^nv from
+diverge. Instead (docs/relaxation.md) we sample u ∈ ℝ^nv from
 
     π_τ(u) ∝ exp(−F(σ(u/τ))) · Π_i logistic(u_i),      logistic(u) = e^{−u} / (1 + e^{−u})²,
 
@@ -18,7 +18,7 @@ few τ of zero carry fractional values; the logistic density being even (zero sl
 error of each orthant mass is τ·¼·∫[e^{−F(σ(s))} − e^{−F(1[s>0])}] ds + O(τ³) per unit, i.e. the
 bias of the rounded law is O(τ) (`rounded_orthant_masses` measures it).
 
-Extended state (notes 000): Φ = (ℓ, g) with v = σ((ℓ + g)/τ), g ~ Gumbel(0, 1) (log density
+Extended state (docs/relaxation.md): Φ = (ℓ, g) with v = σ((ℓ + g)/τ), g ~ Gumbel(0, 1) (log density
 −g − e^{−g}) and ℓ with the mirrored Gumbel base (log density ℓ − e^{ℓ}, the law of −Gumbel).
 Then ℓ + g is Logistic(0, 1) under the base, so the joint
 

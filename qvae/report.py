@@ -28,9 +28,25 @@ def plot_training_curve(metrics_file: Path, out: Path) -> Path | None:
     ax1.plot(steps, [-r["bound_minus_logz"] for r in rows], label="−(relaxed ELBO + log Z)")
     if all("elbo_relaxed" in r for r in rows):  # exact log Z was cheap enough to log
         ax1.plot(steps, [-r["elbo_relaxed"] for r in rows], label="−relaxed ELBO")
+    # Held-out curves: the same bound on a fixed validation batch at each metrics row, and the
+    # NLL estimates of train.validate_every when they were made.
+    held = [r for r in rows if "valid_bound_minus_logz" in r]
+    if held:
+        ax1.plot([r["step"] for r in held], [-r["valid_bound_minus_logz"] for r in held],
+                 label="validation −(relaxed ELBO + log Z)", linestyle="--")
+    if held and all("valid_elbo_relaxed" in r for r in held):
+        ax1.plot([r["step"] for r in held], [-r["valid_elbo_relaxed"] for r in held],
+                 label="validation −relaxed ELBO", linestyle="--")
     ax1.set_xlabel("step")
     ax1.set_ylabel("nats")
-    ax1.legend()
+    ax1.legend(fontsize=8)
+    valid_nll = _jsonl_rows(metrics_file.parent / "validation.jsonl")
+    if valid_nll:  # log Z included: another scale than −(ELBO + log Z), so its own axis
+        nll_ax = ax1.twinx()
+        nll_ax.plot([r["step"] for r in valid_nll], [r["nll"] for r in valid_nll], marker="o",
+                    color="black", label="validation NLL (right axis)")
+        nll_ax.set_ylabel("validation NLL (nats)")
+        nll_ax.legend(loc="upper center", fontsize=8)
     ax1.set_title("training objective")
     ax2.plot(steps, [r["positive_energy"] for r in rows], label="E under q (positive)")
     ax2.plot(steps, [r["negative_energy"] for r in rows], label="E under sampler (negative)")
@@ -43,17 +59,30 @@ def plot_training_curve(metrics_file: Path, out: Path) -> Path | None:
     return out
 
 
-def save_image_grid(images: torch.Tensor, out: Path, *, title: str = "") -> Path:
-    """Save (N, 784) pixel probabilities as a square grid of 28×28 images."""
+def _jsonl_rows(path: Path) -> list[dict]:
+    """The rows of a metrics-style file that has a "nll" and a "step" ([] when absent)."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if isinstance(r, dict) and "nll" in r and "step" in r]
+
+
+def save_image_grid(
+    images: torch.Tensor, out: Path, *, title: str = "", shape: tuple[int, int] | None = None
+) -> Path:
+    """Save (N, H·W) pixel probabilities as a grid of H×W images (`shape`; default
+    `qvae.datasets.grid_shape`: 28×28 for MNIST's 784, 6×10 for 60, ...)."""
+    from qvae.datasets import grid_shape
+
     n = images.shape[0]
-    side = int(images.shape[1] ** 0.5)
+    h, w = shape or grid_shape(int(images.shape[1]))
     cols = max(1, int(n**0.5))
     rows = -(-n // cols)
-    grid = torch.ones(rows * (side + 1), cols * (side + 1))
+    grid = torch.ones(rows * (h + 1), cols * (w + 1))
     for k in range(n):
         r, c = divmod(k, cols)
-        grid[r * (side + 1) : r * (side + 1) + side, c * (side + 1) : c * (side + 1) + side] = (
-            images[k].reshape(side, side)
+        grid[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = (
+            images[k].reshape(h, w)
         )
     fig = plt.figure(figsize=(cols * 0.5 + 0.5, rows * 0.5 + 0.8))
     plt.imshow(grid.cpu().numpy(), cmap="gray_r", vmin=0, vmax=1)
@@ -114,7 +143,10 @@ def write_training_report(model: DVAE, sampler: Sampler, cfg: Config, out_dir: P
         files["training_curve"] = str(curve)
     if cfg.train.sample_grid:
         images = decoded_prior_samples(model, sampler, cfg.train.sample_grid, cfg.seed)
+        from qvae.datasets import image_shape
+
         grid = save_image_grid(images, out_dir / "samples.png",
+                               shape=image_shape(cfg.data.dataset, int(images.shape[1])),
                                title=f"decoded prior samples ({sampler.name})")
         files["samples"] = str(grid)
     files["metrics"] = str(out_dir / "metrics.jsonl")

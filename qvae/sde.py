@@ -1,7 +1,7 @@
-"""SDE-VAE: a latent diffusion whose prior drift is ∇log π_τ of the RBM relaxation (notes 000).
+"""SDE-VAE: a latent diffusion whose prior drift is ∇log π_τ of the RBM relaxation (docs/sde.md).
 
 Latent u ∈ ℝ^nv (the RBM's visible layer; hidden units are summed out in F). With the same
-diffusion √2 dW on both paths (DESIGN.md, "SDE-VAE"):
+diffusion √2 dW on both paths (docs/sde.md):
 
     prior      du = ∇log π_τ(u) dt + √2 dW,                  u_0 ~ p_0 = Π Logistic(0, 1)
     posterior  du = (∇log π_τ(u) + √2 κ_φ(u, t, x)) dt + √2 dW,  u_0 ~ q_0 = Π Logistic(m, e^s)

@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,20 +26,34 @@ from torch import nn
 
 import backends
 from qvae import checkpoint
+from qvae.atomic import write_bytes_atomic
+from qvae.callable_module import make_callable
 from qvae.config import Config, sampler_options
 from qvae.datasets import load_dataset
 from qvae.dvae import DVAE
+from qvae.networks import l2_penalty
 from qvae.sde import SDEVAE
 
+#: The validation-selected checkpoint, written beside checkpoint.CHECKPOINT_NAME.
+BEST_NAME = "best.pt"
 #: Below this many units in the smaller RBM layer, log Z is exact and cheap: log the true ELBO.
 CHEAP_LOGZ_UNITS = 16
 
 
 # ------------------------------------------------------------------------ schedules
+#: The DVAE reference's piecewise-constant schedule (vae.py): lr × factor after each boundary,
+#: boundaries as fractions of the run.
+PIECEWISE_BOUNDARIES = (0.02, 0.6, 0.75, 0.95)
+PIECEWISE_FACTORS = (0.1, 1.0, 1 / 3, 0.1, 1 / 33)
+
+
 def lr_factor(cfg: Config, step: int) -> float:
     t, total, ratio = step, max(cfg.train.steps, 1), cfg.train.lr_final / cfg.train.lr
     if cfg.train.lr_schedule == "constant":
         return 1.0
+    if cfg.train.lr_schedule == "piecewise":  # tf.train.piecewise_constant: step <= boundary
+        passed = sum(t > int(b * total) for b in PIECEWISE_BOUNDARIES)
+        return PIECEWISE_FACTORS[passed]
     if cfg.train.lr_schedule == "exponential":
         return ratio ** (t / total)
     return ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * min(t / total, 1.0)))
@@ -50,6 +66,8 @@ def tau_at(cfg: Config, step: int) -> float:
 
 def kl_weight_at(cfg: Config, step: int) -> float:
     warm = cfg.train.kl_warmup_steps
+    if cfg.train.kl_warmup_fraction > 0:
+        warm = max(1, round(cfg.train.kl_warmup_fraction * cfg.train.steps))
     return 1.0 if warm == 0 else min(1.0, (step + 1) / warm)
 
 
@@ -122,7 +140,40 @@ def build_model(
             raise ValueError("model.kind=sde does not support a sparse (native) RBM mask yet")
         return SDEVAE(**common, control_hidden=tuple(m.control_hidden), num_steps=m.sde_steps,
                       horizon=m.sde_horizon, tau=cfg.train.tau_end)
-    return DVAE(**common, rbm_mask=mask)
+    return DVAE(**common, rbm_mask=mask, groups=m.groups, batch_norm=m.batch_norm)
+
+
+def check_given_model(
+    model: Any, cfg: Config, data: torch.Tensor, mask: torch.Tensor | None
+) -> DVAE | SDEVAE:
+    """A model passed to train(): the kind, prior shape, data width and connectivity that the
+    config, the data and the backend imply; a ValueError naming the mismatch and the fix."""
+    kinds = {"dvae": DVAE, "sde": SDEVAE}
+    if not isinstance(model, kinds[cfg.model.kind]):
+        raise ValueError(
+            f"model must be a qvae {kinds[cfg.model.kind].__name__} for model.kind="
+            f"{cfg.model.kind} (pass your networks as DVAE(..., encoder=..., decoder=...)), got "
+            f"{type(model).__name__}"
+        )
+    prior = model.prior
+    if (prior.n_visible, prior.n_hidden) != (cfg.model.n_visible, cfg.model.n_hidden):
+        raise ValueError(
+            f"the model's RBM prior is {prior.n_visible} x {prior.n_hidden} but the config says "
+            f"model.n_visible={cfg.model.n_visible}, model.n_hidden={cfg.model.n_hidden}; set "
+            "them to the model's (they size the backend's work and the evaluation)"
+        )
+    if model.n_pixels != data[0].numel():
+        raise ValueError(
+            f"the model takes {model.n_pixels} pixels but {cfg.data.dataset!r} has "
+            f"{data[0].numel()} per example"
+        )
+    if mask is not None and (prior.mask is None
+                             or not torch.equal(prior.mask.cpu().float(), mask.cpu().float())):
+        raise ValueError(
+            f"backend {cfg.backend.name!r} samples a sparse RBM: build the model with "
+            "rbm_mask=backends.get_sampler(...).connectivity_mask(n_visible, n_hidden)"
+        )
+    return model
 
 
 @dataclass
@@ -133,6 +184,62 @@ class TrainResult:
     train_seconds: float = 0.0  # wall time of all training steps so far, across resumes
     files: dict[str, str] = field(default_factory=dict)
     evaluation: dict[str, Any] | None = None
+    #: Who actually drew the negative phase: calls per serving backend, fallbacks and the
+    #: last fallback's reason, across resumes (see SamplerCounters).
+    sampling: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SamplerCounters:
+    """Which backend served the negative-phase calls: plain data, kept in every checkpoint so
+    that `fallbacks` and `sampler_s_total` continue across `--resume`."""
+
+    backend: str
+    calls: int = 0
+    fallbacks: int = 0
+    sampler_s_total: float = 0.0
+    served_by: dict[str, int] = field(default_factory=dict)
+    fallback_reason: str | None = None
+
+    def count(self, info: dict[str, Any]) -> None:
+        self.calls += 1
+        self.sampler_s_total += float(info["timing"]["total_s"])
+        server = str(info.get("served_by") or self.backend)
+        self.served_by[server] = self.served_by.get(server, 0) + 1
+        if info.get("fallback"):
+            self.fallbacks += 1
+            self.fallback_reason = str(info["fallback"])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "calls": self.calls, "fallbacks": self.fallbacks,
+                "sampler_s_total": self.sampler_s_total, "served_by": dict(self.served_by),
+                "fallback_reason": self.fallback_reason}
+
+    @classmethod
+    def from_dict(cls, backend: str, state: dict[str, Any] | None) -> SamplerCounters:
+        state = state or {}
+        return cls(str(state.get("backend") or backend), int(state.get("calls", 0)),
+                   int(state.get("fallbacks", 0)), float(state.get("sampler_s_total", 0.0)),
+                   {str(k): int(v) for k, v in (state.get("served_by") or {}).items()},
+                   state.get("fallback_reason"))
+
+    def fallback_servers(self) -> list[str]:
+        """The backends that served calls in place of the one asked for (e.g. ['neal'])."""
+        own = {self.backend, "emulator"}  # dwave's emulator is what an emulator run asked for
+        return sorted(name for name in self.served_by if name not in own)
+
+    def summary(self) -> str:
+        """One line: e.g. "dwave: 0 of 20 calls; neal fallback served 20 (reason: ...)"."""
+        if not self.calls:
+            return f"{self.backend}: no sampler calls"
+        if not self.fallbacks and not self.fallback_servers():
+            servers = ", ".join(f"{k} {v}" for k, v in sorted(self.served_by.items()))
+            return f"{self.backend}: served all {self.calls} calls ({servers})"
+        own = self.calls - sum(self.served_by.get(n, 0) for n in self.fallback_servers())
+        others = ", ".join(f"{n} fallback served {self.served_by[n]}"
+                           for n in self.fallback_servers())
+        reason = f" (reason: {self.fallback_reason})" if self.fallback_reason else ""
+        return f"{self.backend}: {own} of {self.calls} calls; {others}{reason}"
 
 
 # --------------------------------------------------------------------- the loop
@@ -143,27 +250,62 @@ def train(
     resume: bool = False,
     progress: bool = True,
     callback: Callable[[int, dict[str, float]], None] | None = None,
+    model: DVAE | SDEVAE | None = None,
 ) -> TrainResult:
     """Train `cfg` into `out_dir` (checkpoint, metrics.jsonl, plots, eval.json).
 
     `callback(step, metrics)` runs after every step (tests use it to interrupt a run).
+    `model`: train this model (e.g. a DVAE with your own encoder and decoder) instead of the one
+    `cfg.model` describes; its prior must have cfg.model's n_visible and n_hidden and it must
+    fit the data (checked before the first step). To resume, pass the same architecture again.
+    Runs with `cfg.threads` torch threads (unset: qvae.threads' choice for a training step of
+    this size), restoring the caller's setting afterwards.
     """
+    from qvae import threads
+
+    with threads.torch_threads(threads.resolve(cfg.threads, threads.training_macs(cfg))):
+        return _train(cfg, out_dir, resume=resume, progress=progress, callback=callback,
+                      given=model)
+
+
+def _train(
+    cfg: Config,
+    out_dir: str | Path,
+    *,
+    resume: bool,
+    progress: bool,
+    callback: Callable[[int, dict[str, float]], None] | None,
+    given: DVAE | SDEVAE | None = None,
+) -> TrainResult:
     out_dir = Path(out_dir)
     ctx = init_distributed(cfg.device)
     device = torch.device(cfg.device)
     data = load_dataset(cfg.data.dataset, "train").to(device)
+    # Everything the end of the run needs is checked now, before the first step.
+    preflight(cfg, data, out_dir)
     backend_name, backend_options = sampler_options(cfg.backend)
     sampler = backends.get_sampler(backend_name, **backend_options)
     mask = sampler.connectivity_mask(cfg.model.n_visible, cfg.model.n_hidden)
-    model = build_model(cfg, pixel_mean=data.mean(0), mask=mask).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    if given is None:
+        model = build_model(cfg, pixel_mean=data.mean(0), mask=mask).to(device)
+    else:
+        model = check_given_model(given, cfg, data, mask).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, eps=cfg.train.adam_eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
     start, train_seconds = 0, 0.0
+    # Validation-based model selection: the best validation NLL so far and its step (plain
+    # numbers, saved in every checkpoint so a resumed run keeps selecting against it).
+    best: dict[str, Any] = {"nll": math.inf, "step": -1}
+    # remote: counted against its target, so a dwave target served by neal reads as a fallback
+    counters = SamplerCounters(cfg.backend.target or cfg.backend.name)
+    valid = _validation_set(cfg, device)
+    curve_batch = _curve_batch(cfg, device, valid)
 
     ckpt_path = out_dir / checkpoint.CHECKPOINT_NAME
     if resume:
-        state = checkpoint.load(ckpt_path)
-        checkpoint.check_compatible(checkpoint.config_of(state), cfg)
+        state = checkpoint.load(ckpt_path, require=checkpoint.TRAINING_KEYS)
+        checkpoint.check_compatible(checkpoint.config_of(state, ckpt_path), cfg)
+        checkpoint.check_finite(state["model"], ckpt_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -171,6 +313,9 @@ def train(
         if ctx.rank < len(sampler_states) and state.get("backend") == cfg.backend.name:
             sampler.load_state_dict(sampler_states[ctx.rank])
         start, train_seconds = state["step"], float(state.get("train_seconds", 0.0))
+        best = dict(state.get("best_valid") or best)
+        if state.get("backend") == cfg.backend.name:  # a switched backend starts a new count
+            counters = SamplerCounters.from_dict(counters.backend, state.get("sampler_counters"))
     elif ckpt_path.exists() and ctx.main:
         raise FileExistsError(
             f"{ckpt_path} exists: pass --resume to continue it, or choose another --out"
@@ -180,7 +325,13 @@ def train(
     if ctx.world > 1:
         net = nn.parallel.DistributedDataParallel(net)
 
-    def save(step: int) -> None:
+    last_saved = {"step": start if resume else None}  # the last good last.pt
+
+    def save(step: int, path: Path = ckpt_path) -> None:
+        bad = first_nonfinite(model.named_parameters())
+        if bad is not None:  # never overwrite a good checkpoint with a diverged model
+            raise TrainingDiverged(_diverged_message(
+                cfg, step, f"parameter {bad}", optimizer, last_saved["step"], ckpt_path))
         sampler_states = [sampler.state_dict()]
         if ctx.world > 1:  # every rank's persistent chains go into the one file
             gathered: list[Any] = [None] * ctx.world
@@ -191,6 +342,7 @@ def train(
                 {
                     "config": cfg.model_dump(mode="json"),
                     "model_args": model.config_dict(),
+                    "custom_modules": dict(getattr(model, "custom_modules", {})),
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
@@ -198,20 +350,27 @@ def train(
                     "train_seconds": train_seconds,
                     "backend": cfg.backend.name,
                     "sampler_states": sampler_states,
+                    "best_valid": dict(best),
+                    "sampler_counters": counters.as_dict(),
                 },
-                ckpt_path,
+                path,
             )
+            if path == ckpt_path:
+                last_saved["step"] = step
 
     metrics_file = out_dir / "metrics.jsonl"
+    created = ctx.main and not out_dir.exists()  # removed again if the start fails
     if ctx.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         _truncate_jsonl(metrics_file, after_step=start)  # rows a hard kill left past the ckpt
+        _truncate_jsonl(out_dir / "validation.jsonl", after_step=start)
         tensorboard = _tensorboard(out_dir)
         (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
-    bar = _progress(start, cfg.train.steps, enabled=progress and ctx.main)
+    # A bar only on a terminal; otherwise (a log file, --no-progress) one plain line per
+    # metrics row, so a log holds readable lines rather than carriage-return updates.
+    on_tty = progress and _stderr_is_tty()
+    bar = _progress(start, cfg.train.steps, enabled=on_tty and ctx.main)
     gen = torch.Generator(device=device)
-    sampler_seconds = 0.0
-    fallbacks = 0
     step = start
     interrupted = False
     try:
@@ -228,16 +387,31 @@ def train(
                 neg = sampler.sample(model.prior, cfg.backend.num_samples,
                                      seed=step_seed(cfg.seed + 1, ctx.rank, step))
                 negative, info = neg.states.to(device), neg.info
-                sampler_seconds += info["timing"]["total_s"]
-                fallbacks += bool(info.get("fallback"))
+                counters.count(info)
 
             loss, metrics = net(x, negative, tau=tau, kl_weight=kl_w,
                                 num_samples=cfg.train.num_iw, generator=gen)
+            if cfg.train.weight_decay > 0:
+                loss = loss + cfg.train.weight_decay * l2_penalty(model)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            # Stop at the first non-finite number, before it reaches the parameters or a
+            # checkpoint. Checked after backward: DDP's all-reduce spreads a NaN gradient to
+            # every rank, so all ranks stop together.
+            bad = ("the loss" if not torch.isfinite(loss.detach()).all() else
+                   first_nonfinite((n, p.grad) for n, p in model.named_parameters()))
+            if bad is not None:
+                what = bad if bad == "the loss" else f"the gradient of {bad}"
+                raise TrainingDiverged(_diverged_message(
+                    cfg, step + 1, what, optimizer, last_saved["step"], ckpt_path, tau))
             if cfg.train.grad_clip is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             optimizer.step()
+            bad = first_nonfinite(model.named_parameters())
+            if bad is not None:
+                raise TrainingDiverged(_diverged_message(
+                    cfg, step + 1, f"parameter {bad} after the update", optimizer,
+                    last_saved["step"], ckpt_path, tau))
             scheduler.step()
             step += 1
 
@@ -245,9 +419,10 @@ def train(
             train_seconds += step_s
             row = {"step": step, "tau": tau, "kl_weight": kl_w,
                    "lr": optimizer.param_groups[0]["lr"], "step_s": step_s,
-                   "train_seconds": train_seconds,
-                   "sampler_s_total": sampler_seconds, "fallbacks": fallbacks, **metrics,
-                   **backend_scalars(info)}
+                   "train_seconds": train_seconds, "threads": torch.get_num_threads(),
+                   "sampler_s_total": counters.sampler_s_total,
+                   "fallbacks": counters.fallbacks, **metrics, **backend_scalars(info),
+                   **{f"served_by/{k}": v for k, v in counters.served_by.items()}}
             if ctx.main:
                 log_now = step % cfg.train.log_every == 0 or step == cfg.train.steps
                 if "elbo" in metrics:  # models without log Z report their ELBO directly
@@ -255,31 +430,48 @@ def train(
                 elif log_now and min(cfg.model.n_visible, cfg.model.n_hidden) <= CHEAP_LOGZ_UNITS:
                     row["log_z"] = float(model.prior.log_partition())
                     row["elbo_relaxed"] = metrics["bound_minus_logz"] - row["log_z"]
-                if "elbo_relaxed" in row:
-                    shown = {"elbo": f"{row['elbo_relaxed']:.1f}"}
-                else:  # log Z too costly every step: show the bound without it
-                    shown = {"elbo+logZ": f"{metrics['bound_minus_logz']:.1f}"}
-                if fallbacks:
-                    shown["fallbacks"] = str(fallbacks)
+                if log_now and curve_batch is not None:
+                    row.update(curve_point(model, curve_batch, tau, cfg.seed, step,
+                                           row.get("log_z")))
+                # One bound, every step, under one name (see BAR_BOUND).
+                label, key = BAR_BOUND["elbo" if "elbo" in metrics else "bound_minus_logz"]
+                shown = {label: f"{metrics[key]:.1f}"}
+                if counters.fallbacks:
+                    shown["fallbacks"] = str(counters.fallbacks)
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.1f}", **shown,
-                                sampler=f"{sampler_seconds:.0f}s", refresh=False)
+                                sampler=f"{counters.sampler_s_total:.0f}s", refresh=False)
+                if log_now and not on_tty:
+                    print(plain_line(row, cfg.train.steps, label, key), file=sys.stderr,
+                          flush=True)
                 if log_now:
                     _append_jsonl(metrics_file, row)
                     if tensorboard is not None:
                         for key, value in row.items():
                             tensorboard.add_scalar(key, value, step)
+            if valid is not None and step % cfg.train.validate_every == 0:
+                vrow = validate(model, cfg, valid, step)
+                if vrow["nll"] < best["nll"]:
+                    best.update(nll=vrow["nll"], step=step)
+                    save(step, out_dir / BEST_NAME)
+                if ctx.main:
+                    _append_jsonl(out_dir / "validation.jsonl", {**vrow, "best_nll": best["nll"],
+                                                                "best_step": best["step"]})
             if step % cfg.train.checkpoint_every == 0:
                 save(step)
             if callback is not None:
                 callback(step, row)
     except KeyboardInterrupt:
         interrupted = True
+    except Exception:
+        if created and step == start:  # a failed start leaves no run directory behind
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     finally:
         bar.close()
     save(step)
     result = TrainResult(out_dir, step, interrupted, train_seconds,
-                         {"checkpoint": str(ckpt_path)})
+                         {"checkpoint": str(ckpt_path)}, sampling=counters.as_dict())
     if interrupted or not ctx.main:
         return result
 
@@ -289,9 +481,176 @@ def train(
     if cfg.eval.at_end:
         from qvae.evaluate import evaluate_model
 
-        result.evaluation = evaluate_model(model, cfg, out_dir / "eval.json", progress=progress)
+        selected = {"checkpoint": checkpoint.CHECKPOINT_NAME, "checkpoint_step": step,
+                    "training_sampler": counters.as_dict()}
+        if (out_dir / BEST_NAME).exists() and best["step"] >= 0:  # evaluate the selected model
+            model.load_state_dict(checkpoint.load(out_dir / BEST_NAME)["model"])
+            result.files["best"] = str(out_dir / BEST_NAME)
+            selected = {"checkpoint": BEST_NAME, "checkpoint_step": best["step"],
+                        "checkpoint_valid_nll": best["nll"],
+                        "training_sampler": counters.as_dict()}
+        from qvae import threads
+
+        # The evaluation's own thread count: its batches (× K) are far bigger than a step's.
+        n_eval = threads.resolve(cfg.threads, threads.evaluation_macs(cfg))
+        with threads.torch_threads(n_eval):
+            result.evaluation = evaluate_model(model, cfg, out_dir / "eval.json",
+                                               progress=progress and _stderr_is_tty(),
+                                               extra=selected)
         result.files["eval"] = str(out_dir / "eval.json")
     return result
+
+
+#: The bound the progress bar shows, as (label, metrics key), one per model kind so that a run
+#: never switches: the DVAE's relaxed ELBO of the minibatch *without* subtracting log Z (exact
+#: log Z is too costly every step), the SDE-VAE's ELBO (its prior needs no log Z).
+BAR_BOUND = {"bound_minus_logz": ("elbo+logZ", "bound_minus_logz"), "elbo": ("elbo", "elbo")}
+#: Validation examples of the curve in training_curve.png: one fixed batch, scored at every
+#: metrics row; a forward pass without gradients, about the cost of one training step.
+CURVE_EXAMPLES = 200
+
+
+def _curve_batch(
+    cfg: Config, device: torch.device, valid: torch.Tensor | None
+) -> torch.Tensor | None:
+    """The fixed validation batch of the training curve: the first CURVE_EXAMPLES of the
+    validation split (None, with a note, when the data set has none)."""
+    if valid is None:
+        try:
+            valid = load_dataset(cfg.data.dataset, "valid")
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"note: no validation curve in training_curve.png ({exc})", file=sys.stderr)
+            return None
+    return valid[:CURVE_EXAMPLES].to(device)
+
+
+@torch.no_grad()
+def curve_point(
+    model: nn.Module, x: torch.Tensor, tau: float, seed: int, step: int, log_z: float | None
+) -> dict[str, float]:
+    """The training bound (K = 1, full KL weight, the step's τ) on the fixed validation batch:
+    `valid_bound_minus_logz`, and `valid_elbo_relaxed` when the row has an exact log Z. Seeded
+    by the step and run in eval mode, so it neither changes training nor depends on resuming."""
+    was_training = model.training
+    model.eval()
+    try:
+        gen = torch.Generator(device=x.device).manual_seed(step_seed(seed + 3, 0, step))
+        # The negative phase only enters the loss, not the bound: any one state will do.
+        width = getattr(model, "n_latent", 1)  # the SDE-VAE ignores it
+        negative = torch.zeros(1, width, device=x.device, dtype=x.dtype)
+        _, m = model.loss(x, negative, tau=tau, kl_weight=1.0, num_samples=1, generator=gen)
+    finally:
+        model.train(was_training)
+    point = {"valid_bound_minus_logz": m["bound_minus_logz"]}
+    if "elbo" in m:
+        point["valid_elbo_relaxed"] = m["elbo"]
+    elif log_z is not None:
+        point["valid_elbo_relaxed"] = m["bound_minus_logz"] - log_z
+    return point
+
+
+def plain_line(row: dict[str, Any], total: int, label: str, key: str) -> str:
+    """One log line for a metrics row (no terminal: no bar)."""
+    parts = [f"step {row['step']}/{total}", f"loss {row['loss']:.2f}", f"{label} {row[key]:.2f}"]
+    if "valid_bound_minus_logz" in row:
+        parts.append(f"valid {label} {row['valid_bound_minus_logz']:.2f}")
+    parts += [f"{row['step_s'] * 1000:.0f} ms/step", f"sampler {row['sampler_s_total']:.0f}s"]
+    if row.get("fallbacks"):
+        parts.append(f"fallbacks {row['fallbacks']}")
+    return "train: " + ", ".join(parts)
+
+
+def _stderr_is_tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
+
+
+def _validation_set(cfg: Config, device: torch.device) -> torch.Tensor | None:
+    """The validation examples of train.validate_every (None when it is off); loaded before
+    the first step so a dataset without a validation split fails at once."""
+    if cfg.train.validate_every == 0:
+        return None
+    data = load_dataset(cfg.data.dataset, "valid")
+    if cfg.train.validate_examples is not None:
+        data = data[: cfg.train.validate_examples]
+    return data.to(device)
+
+
+def preflight(cfg: Config, data: torch.Tensor, out_dir: Path) -> None:
+    """Refuse, before the first step, a run whose end would fail: the evaluation split missing
+    or of another width than the training data, an output directory that cannot be written.
+    (Image grids need no check: `qvae.datasets.image_shape` lays out any width.)"""
+    if cfg.eval.at_end:
+        try:
+            test = load_dataset(cfg.data.dataset, cfg.eval.split)
+        except (OSError, ValueError) as exc:
+            raise ValueError(
+                f"{exc}. The evaluation at the end of training needs the {cfg.eval.split!r} "
+                "split: give data.dataset as a directory with train/valid/test files, or "
+                "pass --no-eval (--set eval.at_end=false) to train without it"
+            ) from None
+        if test.shape[1:] != data.shape[1:]:
+            raise ValueError(
+                f"data.dataset {cfg.data.dataset}: the {cfg.eval.split!r} split has "
+                f"{test.shape[1]} values per example, the 'train' split {data.shape[1]}; "
+                "they must match"
+            )
+    _check_writable(out_dir)
+
+
+def _check_writable(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"--out {out_dir}: exists and is not a directory; choose another")
+    probe = out_dir
+    while not probe.exists():  # the nearest existing ancestor is where mkdir will write
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"--out {out_dir}: cannot write in {probe} (no permission); choose a writable "
+            "--out directory"
+        )
+
+
+def validate(model: nn.Module, cfg: Config, data: torch.Tensor, step: int) -> dict[str, Any]:
+    """One validation row at `step`: the cheap NLL (qvae.evaluate.validation_nll), seeded by
+    the step so that a resumed run draws exactly what the uninterrupted one did."""
+    from qvae.evaluate import validation_nll
+
+    return {"step": step, **validation_nll(model, cfg, data, step_seed(cfg.seed + 2, 0, step))}
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss, gradient or parameter; the message names the step and likely causes."""
+
+
+def first_nonfinite(named: Iterable[tuple[str, torch.Tensor | None]]) -> str | None:
+    """The name of the first tensor holding NaN/inf (None when all are finite), one sync."""
+    pairs = [(name, t) for name, t in named if t is not None]
+    if not pairs:
+        return None
+    finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in pairs]).cpu()
+    if bool(finite.all()):
+        return None
+    return pairs[int((~finite).nonzero()[0])][0]
+
+
+def _diverged_message(
+    cfg: Config, step: int, what: str, optimizer: torch.optim.Optimizer, last_saved: int | None,
+    ckpt_path: Path, tau: float | None = None,
+) -> str:
+    kept = (f"the last good checkpoint (step {last_saved}) is kept in {ckpt_path}"
+            if last_saved is not None else "no checkpoint was written")
+    t = cfg.train
+    lr = optimizer.param_groups[0]["lr"]
+    tau_text = f"τ = {tau:.3g}" if tau is not None else f"train.tau_end = {t.tau_end}"
+    return (
+        f"training diverged at step {step}: {what} is NaN or infinite; {kept}. Likely causes: "
+        f"a learning rate too high (lr now {lr:.3g}, train.lr = {t.lr}), a relaxation "
+        f"temperature too low ({tau_text}), or extreme data; lower train.lr, raise "
+        "train.tau_end or set train.grad_clip, then resume with `qvae train --out DIR --resume`"
+    )
 
 
 def backend_scalars(info: dict[str, Any]) -> dict[str, float]:
@@ -301,18 +660,50 @@ def backend_scalars(info: dict[str, Any]) -> dict[str, float]:
 
 
 def _truncate_jsonl(path: Path, after_step: int) -> None:
+    """Keep the rows up to `after_step` (a hard kill may have logged past the checkpoint).
+
+    A half-written last line (killed mid-append) is dropped with a note; any other line that is
+    not a row is an error naming the file and line.
+    """
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= after_step]
-    path.write_text("".join(r + "\n" for r in rows))
+    try:
+        lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    except OSError as exc:
+        raise OSError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line)["step"]
+            if isinstance(step, bool) or not isinstance(step, int):
+                raise TypeError(step)
+        except (ValueError, KeyError, TypeError):
+            if i == last:
+                print(f"note: {path}: dropped its half-written last line (a run killed while "
+                      "writing it)", file=sys.stderr)
+                break
+            raise ValueError(
+                f"{path}, line {i + 1}: not a metrics row ({line[:40]!r}); delete that line "
+                "(the file is a log, the checkpoint holds the run) and resume again"
+            ) from None
+        if step <= after_step:
+            rows.append(line)
+    write_bytes_atomic(path, "".join(r + "\n" for r in rows).encode())
 
 
 def _tensorboard(out_dir: Path):
-    """A SummaryWriter when the tensorboard package is installed, else None."""
+    """A SummaryWriter when the tensorboard package is installed, else None (and one line
+    saying how to get one: metrics.jsonl holds the same numbers either way)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
+        import sys
+
+        print(f'note: no TensorBoard logs in {out_dir / "tensorboard"} (tensorboard is not '
+              'installed); pip install "qvae[tensorboard]" to get them', file=sys.stderr)
         return None
     return SummaryWriter(str(out_dir / "tensorboard"))
 
@@ -327,3 +718,7 @@ def _progress(start: int, total: int, *, enabled: bool):
 
     return tqdm(total=total, initial=start, disable=not enabled, unit="step",
                 dynamic_ncols=True, desc="train")
+
+
+# `qvae.train(cfg, out_dir, model=...)` calls train() above (qvae.callable_module says why).
+make_callable(__name__, train)
