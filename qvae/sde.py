@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qvae import relax
-from qvae.dvae import _ACTIVATIONS, _check_count, _mlp, init_output_bias
+from qvae.dvae import _ACTIVATIONS, _check_count, _mlp, _run_custom, _shape_of, init_output_bias
 from qvae.rbm import RBM
 
 VectorField = Callable[[torch.Tensor, float], torch.Tensor]
@@ -123,9 +123,20 @@ class SDEVAE(nn.Module):
         encoder_hidden: Sequence[int] = (200, 200), decoder_hidden: Sequence[int] = (200, 200),
         control_hidden: Sequence[int] = (200,), activation: str = "tanh",
         rbm_init_std: float = 0.01, num_steps: int = 20, horizon: float = 1.0, tau: float = 0.5,
-        pixel_mean: torch.Tensor | None = None, seed: int | None = None,
+        pixel_mean: torch.Tensor | None = None, seed: int | None = None, *,
+        encoder: nn.Module | None = None, decoder: nn.Module | None = None,
     ) -> None:
         super().__init__()
+        custom = {name: net for name, net in (("encoder", encoder), ("decoder", decoder))
+                  if net is not None}
+        for name, net in custom.items():
+            if not isinstance(net, nn.Module):
+                raise TypeError(f"{name} must be a torch.nn.Module, got {type(net).__name__}")
+        if "decoder" in custom and pixel_mean is not None:
+            raise ValueError(
+                "pixel_mean initialises the output bias of the built-in MLP decoder; with your "
+                "own decoder, initialise it yourself and leave pixel_mean out"
+            )
         _check_count(n_pixels, "n_pixels")
         _check_count(num_steps, "num_steps")
         if activation not in _ACTIVATIONS:
@@ -141,20 +152,30 @@ class SDEVAE(nn.Module):
         self.rbm_init_std, self.num_steps, self.horizon = float(rbm_init_std), num_steps, horizon
         self.tau = self._check_tau(tau)
         act = _ACTIVATIONS[activation]
-        feat = enc[-1] if enc else n_pixels
+        #: Class paths of the networks passed in (a checkpoint holds their weights, never code).
+        self.custom_modules = {name: f"{type(net).__module__}.{type(net).__qualname__}"
+                               for name, net in custom.items()}
+        feat = (self._feature_size(custom["encoder"], n_pixels) if "encoder" in custom
+                else enc[-1] if enc else n_pixels)
         width = ctl[0] if ctl else n_visible
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
-            trunk = _mlp([n_pixels, *enc], activation) if enc else nn.Identity()
-            self.encoder = nn.Sequential(trunk, act()) if enc else trunk  # h(x)
+            if "encoder" in custom:
+                self.encoder: nn.Module = custom["encoder"]  # h(x), any feature width
+            else:
+                trunk = _mlp([n_pixels, *enc], activation) if enc else nn.Identity()
+                self.encoder = nn.Sequential(trunk, act()) if enc else trunk  # h(x)
             self.initial_head = nn.Linear(feat, 2 * n_visible)  # (m, s) of q_0(u_0|x)
             # κ(u, t, x) = MLP([u, t/T, h(x)]), its first layer split so h(x) is mapped once
             self.control_state = nn.Linear(n_visible + 1, width)
             self.control_feature = nn.Linear(feat, width, bias=False)
             self.control_out = nn.Sequential(act(), _mlp([*ctl, n_visible], activation)) if ctl \
                 else nn.Identity()
-            self.decoder = _mlp([n_visible, *dec, n_pixels], activation)
+            self.decoder = (custom["decoder"] if "decoder" in custom
+                            else _mlp([n_visible, *dec, n_pixels], activation))
+        if "decoder" in custom:
+            self._check_decoder(n_visible, n_pixels)
         last = self.control_out[-1][-1] if ctl else self.control_state
         with torch.no_grad():
             last.weight.zero_()
@@ -180,6 +201,40 @@ class SDEVAE(nn.Module):
         }
 
     # ------------------------------------------------------------------ checks
+    @staticmethod
+    def _feature_size(encoder: nn.Module, n_pixels: int) -> int:
+        """Dry run of the caller's encoder: x (2, n_pixels) -> features h(x) of shape (2, F)."""
+        was_training = encoder.training
+        encoder.eval()
+        try:
+            with torch.no_grad():
+                out = _run_custom(lambda: encoder(torch.zeros(2, n_pixels)), "encoder",
+                                  (2, n_pixels))
+        finally:
+            encoder.train(was_training)
+        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
+            raise ValueError(
+                f"encoder must map x of shape (2, {n_pixels}) to features of shape (2, F) "
+                f"(any F; the SDE-VAE's heads read them); it returned {_shape_of(out)}"
+            )
+        return int(out.shape[1])
+
+    def _check_decoder(self, n_visible: int, n_pixels: int) -> None:
+        """Dry run of the caller's decoder: v (2, n_visible) -> pixel logits (2, n_pixels)."""
+        was_training = self.decoder.training
+        self.decoder.eval()
+        try:
+            with torch.no_grad():
+                out = _run_custom(lambda: self.decoder(torch.zeros(2, n_visible)), "decoder",
+                                  (2, n_visible))
+        finally:
+            self.decoder.train(was_training)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, n_pixels):
+            raise ValueError(
+                f"decoder must map v of shape (2, {n_visible}) to pixel logits of shape "
+                f"(2, {n_pixels}); it returned {_shape_of(out)}"
+            )
+
     @staticmethod
     def _check_tau(tau: Any) -> float:
         ok = isinstance(tau, (int, float)) and not isinstance(tau, bool)

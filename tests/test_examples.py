@@ -193,3 +193,31 @@ def test_example_own_loop_runs_at_a_tiny_size(tmp_path):
     result = json.loads((tmp_path / "own.json").read_text())
     assert result["backend"] == "gibbs" and len(result["losses"]) == result["steps"] == 5
     assert result["test_elbo"] < 0 and "test ELBO" in out.stdout
+
+
+# ------------------------------------------------------------------------- SDE-VAE networks
+def test_an_sde_vae_takes_any_encoder_and_decoder_module():
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(784, 24), nn.Tanh())  # features of any width feed its heads
+    dec = nn.Sequential(nn.Linear(NV, 32), nn.Tanh(), nn.Linear(32, 784))
+    m = qvae.SDEVAE(784, NV, NH, encoder=enc, decoder=dec, num_steps=4, seed=0)
+    assert m.encoder is enc and m.decoder is dec
+    assert m.initial_head.in_features == 24 and m.control_feature.in_features == 24
+    assert set(m.custom_modules) == {"encoder", "decoder"}
+    loss, _ = m.loss(data(), tau=0.5)
+    loss.backward()
+    assert enc[0].weight.grad is not None and dec[-1].weight.grad is not None
+    assert m.elbo(data()).shape == (6,)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(encoder=nn.Linear(10, 3)), r"encoder failed on an input of shape \(2, 784\)"),
+    (dict(encoder=nn.Flatten(0)), r"encoder must map x of shape \(2, 784\) to features"),
+    (dict(decoder=nn.Linear(NV, 100)),
+     r"decoder must map v of shape \(2, 4\) to pixel logits of shape \(2, 784\).*\(2, 100\)"),
+    (dict(decoder=lambda v: v), r"decoder must be a torch.nn.Module, got function"),
+    (dict(decoder=nn.Linear(NV, 784), pixel_mean=torch.full((784,), 0.5)), r"pixel_mean"),
+])
+def test_wrong_sde_networks_fail_at_construction(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        qvae.SDEVAE(784, NV, NH, num_steps=4, **kwargs)
