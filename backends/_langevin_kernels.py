@@ -1,7 +1,8 @@
 """Langevin MCMC kernels shared by the `langevin` and `mala` backends (blackjax style).
 
 A kernel is a plain function `(generator, state, logdensity_fn, step_size) -> (state, info)` on
-a batch of independent chains; `logdensity_fn(x) -> (log π(x), ∇ log π(x))` per row (the log
+a batch of independent chains (`ula_steps` / `mala_steps` run k of them, as the chain shell
+`backends.chains` calls them); `logdensity_fn(x) -> (log π(x), ∇ log π(x))` per row (the log
 density may be None for `ula_step`, which needs only the gradient). The step
 size is a float or a tensor broadcastable to the positions; `mala_step` also takes a function
 of the position returning a per-coordinate step (a position-dependent diagonal preconditioner,
@@ -22,6 +23,7 @@ from typing import NamedTuple
 
 import torch
 
+from qvae import cancel
 from qvae.relax import LogDensityFn
 
 #: A step size: a float, a tensor broadcastable to (N, d), or position -> (N, d) steps.
@@ -130,6 +132,38 @@ def mala_step(
         torch.where(keep, proposal.grad, state.grad),
     )
     return new, MALAInfo(log_ratio.clamp(max=0.0).exp(), accept)
+
+
+class MALARunInfo(NamedTuple):
+    """What k MALA steps report: the last step's acceptance probabilities (what a step-size
+    adaptation learns from) and the accepted proposals over all steps and chains."""
+
+    acceptance_prob: torch.Tensor  # (N,)
+    num_accepted: torch.Tensor  # () int64
+
+
+def ula_steps(
+    generator: torch.Generator, state: LangevinState, logdensity_fn: LogDensityFn,
+    step_size: float | torch.Tensor, num_steps: int,
+) -> tuple[LangevinState, None]:
+    """`num_steps` steps of `ula_step`."""
+    for _ in range(num_steps):
+        state, _ = ula_step(generator, state, logdensity_fn, step_size)
+        cancel.check()  # a service's wall-time limit or shutdown stops the run here
+    return state, None
+
+
+def mala_steps(
+    generator: torch.Generator, state: LangevinState, logdensity_fn: LogDensityFn,
+    step_size: StepSize, num_steps: int,
+) -> tuple[LangevinState, MALARunInfo]:
+    """`num_steps` (>= 1) steps of `mala_step`."""
+    accepted = []
+    for _ in range(num_steps):
+        state, info = mala_step(generator, state, logdensity_fn, step_size)
+        cancel.check()
+        accepted.append(info.is_accepted.sum())
+    return state, MALARunInfo(info.acceptance_prob, torch.stack(accepted).sum())
 
 
 def adapt_log_step(

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import dimod
 import torch
 
+from backends.options import BackendOptions, Capabilities, parse_options
 from qvae.rbm import RBM
 
 TIMING_KEYS = ("preprocess_s", "sample_s", "postprocess_s", "total_s")
@@ -90,15 +91,6 @@ class Cost:
 WORK_QUANTITIES = ("work", "state_bytes", "enumerated_states", "seconds", "qpu_seconds")
 
 
-def option_values(cls: type, options: Mapping[str, Any]) -> dict[str, Any]:
-    """`options` over the defaults of `cls.__init__`'s keyword options."""
-    params = inspect.signature(cls.__init__).parameters
-    out = {p: spec.default for p, spec in params.items()
-           if spec.kind is spec.KEYWORD_ONLY and spec.default is not spec.empty}
-    out.update(options)
-    return out
-
-
 def check_state_bytes(nbytes: float, options: str) -> None:
     """ValueError naming `options` when one call would allocate more than MAX_STATE_BYTES."""
     if nbytes > MAX_STATE_BYTES:
@@ -165,23 +157,63 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
 class Sampler(abc.ABC):
     """Base class of every backend.
 
-    Subclasses set `name` and `binary`, take their options as keyword arguments of `__init__`
-    (the registry reads that signature to report valid options), and implement `_sample`.
+    A backend is one file: a subclass that sets `name`, declares its options as a pydantic
+    `Options` model (see `backends.options`) and its `capabilities`, optionally its `work`
+    model, and implements `_sample`. `__init__` takes the options as keywords, checks them once
+    against `Options` and keeps the result in `self.options`; a subclass that needs setup
+    calls `super().__init__(**options)` first.
+
+    >>> from backends.options import Field
+    >>> class CoinOptions(BackendOptions):
+    ...     p: float = Field(0.5, ge=0, le=1, description="probability of a 1")
+    >>> class Coin(Sampler):
+    ...     name, Options = "coin", CoinOptions
+    ...     def _sample(self, rbm, num_samples, *, seed, timer): ...
+    >>> Coin(p=0.25).options.p
+    0.25
     """
 
     name: ClassVar[str] = ""
+    Options: ClassVar[type[BackendOptions]] = BackendOptions
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    #: Derived from `capabilities` (kept for callers that read `cls.binary`).
     binary: ClassVar[bool] = True
     #: Options under which the conformance suite checks this backend (e.g. the emulator).
     conformance_options: ClassVar[dict[str, Any]] = {}
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.binary = cls.capabilities.binary
+        if "__init__" not in cls.__dict__ or cls.__init__ is Sampler.__init__:
+            # help(cls) and inspect.signature(cls) show the declared options.
+            cls.__signature__ = inspect.Signature([
+                inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY,
+                                  default=(f.get_default(call_default_factory=True)
+                                           if not f.is_required()
+                                           else inspect.Parameter.empty))
+                for n, f in cls.Options.model_fields.items()])
+
+    def __init__(self, **options: Any) -> None:
+        self.options = self.parse_options(options)
+
     @classmethod
-    def work(cls, options: Mapping[str, Any], shape: ProblemShape, num_samples: int
-             ) -> dict[str, Cost]:
+    def parse_options(cls, options: Mapping[str, Any] | BackendOptions) -> BackendOptions:
+        """`options` checked against `cls.Options` (an `OptionError` naming the bad one)."""
+        return parse_options(cls.Options, options, backend=cls.name or cls.__name__)
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return list(cls.Options.model_fields)
+
+    @classmethod
+    def work(cls, options: Mapping[str, Any] | BackendOptions, shape: ProblemShape,
+             num_samples: int) -> dict[str, Cost]:
         """The cost of one `sample(problem, num_samples)` call of a sampler built with
-        `options` (validated constructor keywords; defaults fill the rest), by quantity of
+        `options` (parsed by `parse_options`; defaults fill the rest), by quantity of
         `WORK_QUANTITIES`. A service checks it against its limits before queueing anything.
         Each backend declares its model here, beside its options; {} means no model (the
         backend's cost does not scale with its options, e.g. a client of another service)."""
+        cls.parse_options(options)
         return {}
 
     @classmethod
@@ -209,6 +241,13 @@ class Sampler(abc.ABC):
         out.info.setdefault("backend", self.name)
         return out
 
+    def sample_general_bqm(self, bqm: dimod.BinaryQuadraticModel, num_samples: int, *,
+                           seed: int | None = None) -> dimod.SampleSet:
+        """Samples of any BQM, for backends whose `capabilities.general_bqm` is True."""
+        raise NotImplementedError(f"backend {self.name!r} samples RBMs only (capabilities."
+                                  "general_bqm is False); use 'exact', 'neal' or 'dimod' for "
+                                  "a general BQM")
+
     @abc.abstractmethod
     def _sample(
         self, rbm: RBM, num_samples: int, *, seed: int | None, timer: Timer
@@ -235,8 +274,5 @@ class Sampler(abc.ABC):
 
 @torch.no_grad()
 def energies(rbm: RBM, visible: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """E(v, h) under `rbm`, detached, on the samples' device and dtype."""
-    w = rbm.effective_weight().detach().to(visible.device, visible.dtype)
-    b = rbm.visible_bias.detach().to(visible.device, visible.dtype)
-    c = rbm.hidden_bias.detach().to(visible.device, visible.dtype)
-    return -(visible @ b) - (hidden @ c) - ((visible @ w) * hidden).sum(-1)
+    """E(v, h) under `rbm`, detached, on the samples' device and dtype (`RBM.sample_energy`)."""
+    return rbm.sample_energy(visible, hidden)

@@ -22,7 +22,7 @@ import dimod
 import numpy as np
 import torch
 
-from backends.base import Sampler, Timer
+from backends.base import Sampler, Timer, make_generator
 from qvae.rbm import RBM
 
 
@@ -92,13 +92,12 @@ def sample_bqm(
     try:
         visible, hidden = bipartition(bqm)
     except NotBipartite as exc:
-        general = getattr(sampler, "sample_general_bqm", None)
-        if general is None:
+        if not sampler.capabilities.general_bqm:
             raise NotBipartite(f"{exc}; backend {sampler.name!r} samples RBMs only, use 'neal', "
                                "'exact' or 'dimod' for a general BQM") from None
         timer = Timer()
         with timer("total"), timer("sample"):
-            general_out = general(bqm, num_samples, seed=seed)
+            general_out = sampler.sample_general_bqm(bqm, num_samples, seed=seed)
         general_out.info.update(timing=dict(timer.seconds), backend=sampler.name)
         return general_out
     rbm = RBM.from_bqm(bqm, visible, hidden)
@@ -137,8 +136,7 @@ def sample_by_enumeration(bqm: dimod.BinaryQuadraticModel, num_samples: int, see
                          f"max_states={max_states}; use 'neal'")
     table = dimod.ExactSolver().sample(bqm)
     log_p = -torch.from_numpy(np.ascontiguousarray(table.record.energy, dtype=np.float64))
-    gen = torch.Generator()
-    gen.manual_seed(seed) if seed is not None else gen.seed()
+    gen = make_generator(seed)
     idx = torch.multinomial(torch.softmax(log_p, 0), num_samples, replacement=True, generator=gen)
     order = [table.variables.index(v) for v in bqm.variables]
     samples = np.ascontiguousarray(table.record.sample[idx.numpy()][:, order]).astype(np.int8)

@@ -23,8 +23,10 @@ from typing import Any
 import dimod
 import numpy as np
 import torch
+from pydantic import field_validator
 
 from backends.base import (
+    BackendOptions,
     Cost,
     ProblemShape,
     Sampler,
@@ -32,8 +34,8 @@ from backends.base import (
     Timer,
     energies,
     make_generator,
-    option_values,
 )
+from backends.options import Capabilities, Field
 from qvae.rbm import RBM
 
 #: dwave-samplers accepts seeds below 2**31 only.
@@ -42,15 +44,52 @@ SEED_LIMIT = 2**31
 RESERVED = ("num_reads", "seed")
 
 
-def load_sampler_class(path: Any) -> type[dimod.Sampler]:
-    """The dimod.Sampler subclass named by "package.module.Class" (or "package.module:Class");
-    ValueError naming the `sampler` option otherwise."""
-    if not isinstance(path, str) or not path.strip():
-        raise ValueError("the dimod backend needs sampler='package.module.Class', e.g. "
-                         f"'dwave.samplers.SimulatedAnnealingSampler'; got {path!r}")
+def _split_path(path: str) -> tuple[str, str]:
+    """("package.module", "Class") of "package.module.Class" or "package.module:Class"."""
     module_name, sep, attr = path.replace(":", ".").rpartition(".")
     if not sep or not module_name or not attr.isidentifier():
-        raise ValueError(f"sampler={path!r} is not an import path 'package.module.Class'")
+        raise ValueError("is not an import path 'package.module.Class'")
+    return module_name, attr
+
+
+class DimodOptions(BackendOptions):
+    # The path is only parsed here: importing it is construction's job (a service checks it
+    # against its allowlist first, so a request never makes it import anything else).
+    sampler: str | None = Field(
+        None, validate_default=True, description="import path of the dimod.Sampler class to "
+        "wrap, 'package.module.Class', e.g. 'dwave.samplers.SimulatedAnnealingSampler' "
+        "(required)")
+    sampler_options: dict[str, Any] | None = Field(
+        None, description="keyword arguments of the wrapped class's constructor")
+    sample_kwargs: dict[str, Any] | None = Field(
+        None, description="keyword arguments of every .sample call, checked against the "
+        "sampler's parameters (not num_reads or seed: the backend sets them)")
+    max_calls: int = Field(100, ge=1, description="most .sample calls per draw when "
+                           "the sampler returns fewer rows than asked for")
+
+    @field_validator("sampler")
+    @classmethod
+    def _import_path(cls, path: str | None) -> str | None:
+        if path is None or not path.strip():
+            raise ValueError("needs sampler='package.module.Class', e.g. "
+                             "'dwave.samplers.SimulatedAnnealingSampler'")
+        _split_path(path)
+        return path
+
+    @field_validator("sample_kwargs")
+    @classmethod
+    def _not_reserved(cls, kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+        reserved = sorted(set(kwargs or {}) & set(RESERVED))
+        if reserved:
+            raise ValueError(f"may not set {reserved}: the backend sets them (num_reads = "
+                             "num_samples, seed = the call's seed)")
+        return kwargs
+
+
+def load_sampler_class(path: str) -> type[dimod.Sampler]:
+    """The dimod.Sampler subclass named by a checked `sampler` option (`DimodOptions`);
+    ValueError naming the `sampler` option when it cannot be imported or is no such class."""
+    module_name, attr = _split_path(path)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -64,27 +103,13 @@ def load_sampler_class(path: Any) -> type[dimod.Sampler]:
     return cls
 
 
-def _check_dict(name: str, value: Any) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise ValueError(f"{name} must be a dict of keyword arguments, got {value!r}")
-    return dict(value)
-
-
 class DimodBackend(Sampler):
-    """A dimod sampler (by import path) sampling the RBM's BQM; see the module doc.
-
-    Args:
-        sampler: import path of a dimod.Sampler subclass, "package.module.Class".
-        sampler_options: keyword arguments of the class's constructor.
-        sample_kwargs: keyword arguments of every `.sample` call (not num_reads or seed).
-        max_calls: at most this many calls per `sample` when the sampler returns fewer rows
-            than asked for.
-    """
+    """A dimod sampler (by import path) sampling the RBM's BQM; see the module doc and
+    `DimodOptions`."""
 
     name = "dimod"
-    binary = True
+    Options = DimodOptions
+    capabilities = Capabilities(resource="cpu", output="binary", general_bqm=True)
     #: simulated annealing held at β = 1 with Gibbs acceptance: a thermal sampler of exp(−E)
     conformance_options = {
         "sampler": "dwave.samplers.SimulatedAnnealingSampler",
@@ -96,52 +121,41 @@ class DimodBackend(Sampler):
     UPDATE_COST = 5.0
 
     @classmethod
-    def work(cls, options: Mapping[str, Any], shape: ProblemShape, num_samples: int
-             ) -> dict[str, Cost]:
+    def work(cls, options: Mapping[str, Any] | BackendOptions, shape: ProblemShape,
+             num_samples: int) -> dict[str, Cost]:
         """The answer's memory, and CPU work where it is known: a sweep-based sampler (a
         `num_sweeps` in sample_kwargs, as dwave-samplers' SA) costs like `neal`. Any other
         wrapped sampler's cost is its own; a service bounds it by allowlisting the class and
         locking `sampler_options` / `sample_kwargs`."""
-        o = option_values(cls, options)
+        o = cls.parse_options(options)
         out = {"state_bytes": Cost(24.0 * num_samples * shape.n_units,
                                    f"num_samples {num_samples} × {shape.n_units} units × 24 bytes",
                                    ("num_samples",))}
-        sweeps = (o.get("sample_kwargs") or {}).get("num_sweeps")
+        sweeps = (o.sample_kwargs or {}).get("num_sweeps")
         if isinstance(sweeps, int) and not isinstance(sweeps, bool):
             out["work"] = Cost(cls.UPDATE_COST * num_samples * sweeps * shape.size,
                                f"{cls.UPDATE_COST:g} × num_samples {num_samples} × num_sweeps "
                                f"{sweeps} × size {shape.size}", ("sample_kwargs", "num_samples"))
         return out
 
-    def __init__(
-        self,
-        *,
-        sampler: str | None = None,
-        sampler_options: dict[str, Any] | None = None,
-        sample_kwargs: dict[str, Any] | None = None,
-        max_calls: int = 100,
-    ) -> None:
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        o = self.options
+        sampler, options, kwargs = o.sampler, dict(o.sampler_options or {}), o.sample_kwargs or {}
         cls = load_sampler_class(sampler)
-        options = _check_dict("sampler_options", sampler_options)
-        kwargs = _check_dict("sample_kwargs", sample_kwargs)
-        if isinstance(max_calls, bool) or not isinstance(max_calls, int) or max_calls < 1:
-            raise ValueError(f"max_calls must be an int >= 1, got {max_calls!r}")
         try:
             self.sampler = cls(**options)
         except Exception as exc:  # noqa: BLE001 - any constructor failure, reported as such
             raise ValueError(f"cannot build {sampler} with sampler_options={options!r}: "
                              f"{type(exc).__name__}: {exc}") from exc
+        # which keywords the built sampler takes is the sampler's to say, not a declared range
         valid = set(self.sampler.parameters)
-        reserved = sorted(set(kwargs) & set(RESERVED))
-        if reserved:
-            raise ValueError(f"sample_kwargs may not set {reserved}: the backend sets them "
-                             "(num_reads = num_samples, seed = the call's seed)")
         unknown = sorted(set(kwargs) - valid)
         if unknown:
             raise ValueError(f"sample_kwargs {unknown} are not parameters of {sampler}; valid: "
                              f"{sorted(valid - set(RESERVED))}")
         self.sampler_path, self.sampler_options, self.sample_kwargs = sampler, options, kwargs
-        self.max_calls = max_calls
+        self.max_calls = o.max_calls
         self._takes_reads, self._takes_seed = "num_reads" in valid, "seed" in valid
 
     def _draw(self, bqm: dimod.BinaryQuadraticModel, num_samples: int, seed: int | None,

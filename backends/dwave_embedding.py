@@ -10,6 +10,7 @@
   operations instead of Python loops over ~10⁴ couplings.
 * `native_rbm_mask` picks a bipartite subgraph of the working graph (one qubit per unit) on
   which an RBM needs no embedding at all.
+* `Mappings` keeps one sampler's mapping per RBM shape in memory (embedded or native).
 """
 
 from __future__ import annotations
@@ -322,3 +323,38 @@ def check_native(rbm: Any, emb: Embedding, solver_id: str) -> None:
             f"{int(emb.qubits[i])} and {int(emb.qubits[nv + k])}, which share no coupler on "
             f"{solver_id} ({int(bad.sum())} such couplings); build the RBM with the mask from "
             "native_rbm_mask(sampler, n_visible, n_hidden)")
+
+
+class Mappings:
+    """The unit→qubit mapping of each RBM shape one sampler meets, kept in memory: a
+    minor-embedding (from the disk cache of `get_embedding`, or found) or native qubits."""
+
+    def __init__(self, cache_dir: Path, timeout: float) -> None:
+        self.cache_dir, self.timeout = cache_dir, timeout
+        self._known: dict[tuple, Embedding] = {}
+
+    def get(self, rbm: Any, graph: nx.Graph, solver_id: str, *, native: bool,
+            native_qubits: tuple[list[int], list[int]] | None = None
+            ) -> tuple[Embedding, str, float]:
+        """(mapping, where it came from: native / memory / hit / miss, seconds spent finding
+        it). Native mode also checks that the RBM's couplings are couplers."""
+        nv, nh = rbm.n_visible, rbm.n_hidden
+        if native:
+            key: tuple = ("native", nv, nh)
+            if key not in self._known:
+                self._known[key] = native_embedding(graph, nv, nh, native_qubits, solver_id)
+            check_native(rbm, self._known[key], solver_id)
+            return self._known[key], "native", 0.0
+        edges = rbm_edges(nv, nh, rbm.mask)
+        key = ("embedded", nv, nh, edges.tobytes())
+        if key in self._known:
+            return self._known[key], "memory", 0.0
+        find = dict(solver_id=solver_id, cache_dir=self.cache_dir, timeout=self.timeout)
+        chains, status, seconds = get_embedding(edges, nv, nh, graph, **find)
+        try:
+            emb = Embedding(chains, nv + nh, edges, graph.edges)
+        except ValueError:  # a cached embedding that no longer fits (e.g. qubits went away)
+            chains, status, seconds = get_embedding(edges, nv, nh, graph, refresh=True, **find)
+            emb = Embedding(chains, nv + nh, edges, graph.edges)
+        self._known[key] = emb
+        return emb, status, seconds

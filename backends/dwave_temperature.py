@@ -1,25 +1,20 @@
-"""Temperature at the QPU boundary: programming E/β̂, estimating β_eff, and the emulator.
+"""Temperature at the QPU boundary: programming E/β̂, estimating β_eff, tracking β̂.
 
 Spin convention (s ∈ {−1, +1}): E(s) = Σ_i h_i s_i + Σ_{i<j} J_ij s_i s_j. A QPU returns samples
 ≈ exp(−β_eff · E_prog(s)) of the Hamiltonian E_prog it was programmed with.
 
 * `program_problem` builds E_prog = E/β̂ on the qubits (embedded), clipped to the solver's
-  h_range/j_range with a warning, or refused past `max_clip_ratio`.
+  h_range/j_range with a warning, or refused past `max_clip_ratio`: a `QPUProgram`.
 * `programmed_beta` estimates β_eff from logical samples against the logical Hamiltonian that
-  was actually programmed (after chain splitting and clipping), via `mpl_beta`.
-* `mpl_beta` is the maximum pseudo-likelihood estimate of β_eff: it maximises
+  was actually programmed (after chain splitting and clipping), via `mpl_estimate`.
+* `mpl_estimate` is the maximum pseudo-likelihood estimate of β_eff: it maximises
   Σ_samples Σ_i log P(s_i | s_rest) = Σ log σ(−2 β s_i f_i), with the local field
   f_i = h_i + Σ_j J_ij s_j of the *programmed* Hamiltonian. The objective is concave in β, so the
-  root of its derivative is unique.
-* `ThermalIsingSampler` is the emulator's stand-in for the QPU: heat-bath MCMC at a fixed β on
-  exactly the programmed (embedded) problem. Single-spin sweeps alone (simulated annealing with
-  Gibbs acceptance at fixed β) cannot flip a chain once its coupling is strong: a flip must pass
-  through a broken chain, which costs exp(−2 β |J_chain|) ≈ e^-12 at β = 6 and J_chain = −1.
-  Measured on the 8×8 reference RBM embedded in Pegasus(6): TV 0.35 against a tolerance of 0.05.
-  So each sweep also proposes collective flips of the clusters held together by strong
-  ferromagnetic couplings (chains, found from the couplings alone; the emulator does not know
-  the embedding), accepted with the exact heat-bath probability. Both moves keep
-  exp(−β E_prog) invariant, which is the thermal QPU model.
+  root of its derivative is unique. `mpl_beta` is its β alone.
+* `BetaTracker` holds β̂ and the Fisher information behind it: a calibration (`init`, `update`
+  per round, `final`) and the running re-estimates (`refine`).
+
+The emulator's thermal sampler lives in `backends.dwave_emulator` (re-exported here).
 """
 
 from __future__ import annotations
@@ -27,19 +22,23 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import dimod
 import numpy as np
-from scipy import sparse
-from scipy.sparse.csgraph import connected_components
 from scipy.special import expit
 
-from qvae import cancel
+from backends.dwave_emulator import ThermalIsingSampler  # noqa: F401 - its former home
 
 #: Bracket of β_eff values the estimator searches.
 BETA_BOUNDS = (1e-3, 1e3)
-ONE = np.float32(1.0)
+#: Calibration prior: a typical QPU β_eff is 5–8; the guess carries a 30% relative error.
+BETA_GUESS, BETA_PRIOR_REL_SE = 5.0, 0.3
+#: Calibration: at most this many rounds; it stops once β̂ moves by less than the tolerance.
+CALIBRATION_ROUNDS, CALIBRATION_TOL = 3, 0.02
+BETA_MEMORY = 0.9  # re-estimates: information of earlier calls decays by this factor per update
+BETA_MAX_REL_SE = 0.05  # re-estimates less precise than this are skipped (near-zero RBMs)
 
 
 class UninformativeSamples(ValueError):
@@ -47,15 +46,30 @@ class UninformativeSamples(ValueError):
     programmed problem is too weak for them to say anything about the temperature)."""
 
 
-def mpl_beta(spins: np.ndarray, fields: np.ndarray, beta0: float | None = None, *,
-             with_information: bool = False, max_relative_se: float | None = None) -> Any:
-    """Maximum pseudo-likelihood β from spins s (R, n) and their local fields f (R, n).
+class BetaEstimate(NamedTuple):
+    """An estimate of β_eff and its Fisher information I (variance ≈ 1/I)."""
 
-    `beta0` is a starting guess (e.g. the previous estimate). With `with_information`, returns
-    (β, I) where I = −d²PL/dβ² is the Fisher information of the estimate (its variance is
-    ≈ 1/I for independent units). Raises ValueError when the samples carry no information
-    about β (all fields zero) or prefer a non-positive β (they are no colder than noise), and
-    UninformativeSamples when the relative standard error 1/(β √I) exceeds `max_relative_se`.
+    beta: float
+    information: float
+
+
+def mpl_beta(spins: np.ndarray, fields: np.ndarray, beta0: float | None = None, *,
+             max_relative_se: float | None = None) -> float:
+    """The maximum pseudo-likelihood β of `mpl_estimate` (same arguments), without its
+    information."""
+    return mpl_estimate(spins, fields, beta0, max_relative_se=max_relative_se).beta
+
+
+def mpl_estimate(spins: np.ndarray, fields: np.ndarray, beta0: float | None = None, *,
+                 max_relative_se: float | None = None) -> BetaEstimate:
+    """Maximum pseudo-likelihood β from spins s (R, n) and their local fields f (R, n), with
+    I = −d²PL/dβ², the Fisher information of the estimate (its variance is ≈ 1/I for
+    independent units).
+
+    `beta0` is a starting guess (e.g. the previous estimate). Raises ValueError when the
+    samples carry no information about β (all fields zero) or prefer a non-positive β (they
+    are no colder than noise), and UninformativeSamples when the relative standard error
+    1/(β √I) exceeds `max_relative_se`.
 
     It is the estimator of `dwave.system.temperatures.maximum_pseudolikelihood_temperature`
     (β = 1/T, with en1 = 2 s f), kept because that one returns no Fisher information (only
@@ -81,7 +95,7 @@ def mpl_beta(spins: np.ndarray, fields: np.ndarray, beta0: float | None = None, 
             f"(mean s_i*f_i = {x.mean():.3g} >= 0); is the QPU returning garbage?"
         )
     if np.all(x < 0):  # perfectly ordered samples: the likelihood grows without bound
-        return (hi, 0.0) if with_information else hi
+        return BetaEstimate(hi, 0.0)
     # safeguarded Newton on the concave pseudo-log-likelihood; its slope g decreases in β
     beta = min(max(guess, lo), hi)
     xx = x * x
@@ -103,7 +117,7 @@ def mpl_beta(spins: np.ndarray, fields: np.ndarray, beta0: float | None = None, 
         se = 1 / math.sqrt(beta**2 * curvature) if curvature > 0 else math.inf
         raise UninformativeSamples(f"beta_eff = {beta:.4g} has relative standard error "
                                    f"{se:.1%} > {max_relative_se:.0%}")
-    return (float(beta), curvature) if with_information else float(beta)
+    return BetaEstimate(float(beta), curvature)
 
 
 def bipartite_fields(
@@ -115,10 +129,35 @@ def bipartite_fields(
     return h_v.astype(np.float32) + s_h @ j.T, h_h.astype(np.float32) + s_v @ j
 
 
+@dataclass(frozen=True, eq=False)
+class QPUProgram:
+    """The physical problem one QPU call is programmed with, in spin form on the embedding's
+    qubits (in `Embedding.qubits` order): linear biases `h`, couplers (`rows[k]`, `cols[k]`)
+    of strength `j[k]` (problem couplers first, chain couplers after), how many terms were
+    `clipped` to the solver's ranges and the largest `clip_ratio` before clipping."""
+
+    h: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+    j: np.ndarray
+    clipped: int = 0
+    clip_ratio: float = 0.0
+
+    def bqm(self, labels: list[int], gauge: np.ndarray | None = None
+            ) -> dimod.BinaryQuadraticModel:
+        """The SPIN BQM on qubit `labels`, under the spin-reversal transform `gauge` (±1 per
+        qubit: s_i → g_i s_i, so h_i → g_i h_i and J_ij → g_i g_j J_ij) when given."""
+        h, j = self.h, self.j
+        if gauge is not None:
+            h, j = h * gauge, j * gauge[self.rows] * gauge[self.cols]
+        return dimod.BinaryQuadraticModel.from_numpy_vectors(
+            h, (self.rows, self.cols, j), 0.0, dimod.SPIN, variable_order=labels)
+
+
 def program_problem(
     h: np.ndarray, j: np.ndarray, emb: Any, chain_strength: float, beta: float,
     h_range: Sequence[float], j_range: Sequence[float], max_clip_ratio: float,
-) -> dict[str, Any]:
+) -> QPUProgram:
     """The physical problem for E/β: scale the logical Ising (h, J per source edge) by 1/β,
     embed it (`emb`: a `dwave_embedding.Embedding`), clip to the solver's ranges with a warning
     saying by how much, and refuse (ValueError, nothing submitted) past `max_clip_ratio`."""
@@ -144,136 +183,93 @@ def program_problem(
             f"dwave: {clipped} of {hq.size + n_prob} programmed terms exceed the solver's "
             f"h_range {[hlo, hhi]} / j_range {[jlo, jhi]} by up to a factor {ratio:.3g}; "
             "clipped, so those terms are sampled weaker than the RBM says", stacklevel=5)
-    return {"h": hq, "rows": rows, "cols": cols, "j": jq, "clipped": clipped,
-            "clip_ratio": ratio}
+    return QPUProgram(hq, rows, cols, jq, clipped, ratio)
 
 
-def programmed_beta(logical: np.ndarray, program: dict[str, Any], emb: Any, n_visible: int,
+def programmed_beta(logical: np.ndarray, program: QPUProgram, emb: Any, n_visible: int,
                     beta0: float | None = None, max_relative_se: float | None = None
-                    ) -> tuple[float, float]:
-    """(MPL β_eff, its Fisher information) of logical spins (R, n_units) under the logical
+                    ) -> BetaEstimate:
+    """MPL β_eff (and its information) of logical spins (R, n_units) under the logical
     Hamiltonian that `program` realises on intact chains (clipping and chain splitting
     included)."""
     nv = n_visible
-    h, jvec = emb.contract(program["h"], program["j"][:emb.coupler_edge.size])
+    h, jvec = emb.contract(program.h, program.j[:emb.coupler_edge.size])
     jmat = np.zeros((nv, emb.n_units - nv), np.float32)
     jmat[emb.source_edges[:, 0], emb.source_edges[:, 1] - nv] = jvec
     fv, fh = bipartite_fields(logical[:, :nv], logical[:, nv:], h[:nv], h[nv:], jmat)
-    return mpl_beta(logical, np.concatenate([fv, fh], 1), beta0=beta0, with_information=True,
-                    max_relative_se=max_relative_se)
+    return mpl_estimate(logical, np.concatenate([fv, fh], 1), beta0=beta0,
+                        max_relative_se=max_relative_se)
 
 
-def _greedy_colouring(adj: sparse.csr_matrix) -> np.ndarray:
-    """Colour the graph of a symmetric sparse matrix so that no edge joins equal colours."""
-    n = adj.shape[0]
-    colour = np.full(n, -1, dtype=np.int64)
-    indptr, indices = adj.indptr, adj.indices
-    order = np.argsort(-np.diff(indptr), kind="stable")  # largest degree first
-    for i in order:
-        taken = set(colour[indices[indptr[i]:indptr[i + 1]]].tolist())
-        c = 0
-        while c in taken:
-            c += 1
-        colour[i] = c
-    return colour
+@dataclass(frozen=True)
+class Calibration:
+    """What a calibration did: rounds run, the estimate of each round (None: the samples said
+    nothing about β_eff) and the relative standard error of the β̂ it settled on."""
+
+    rounds: int
+    betas: list[float | None]
+    relative_se: float
 
 
-class ThermalIsingSampler(dimod.Sampler):
-    """Heat-bath MCMC for exp(−β E) of an Ising problem: chromatic single-spin sweeps plus
-    collective flips of strongly ferromagnetically coupled clusters (see the module doc).
+class BetaTracker:
+    """β̂ and the Fisher information behind it (0: none yet).
 
-    Parameters of `sample`: `num_reads`, `seed`, `beta`, `num_sweeps`. QPU parameters that the
-    emulator passes through (`annealing_time`, `auto_scale`, `answer_mode`, …) are ignored.
+    Calibration, while β̂ is unknown: `init()` gives the β to program first; after each round
+    `update(estimate)` (None: the samples were uninformative) gives the β to program next, or
+    None when the calibration is over; `final()` makes the result β̂. Each round combines its
+    estimate with a weak prior (BETA_GUESS ± 30%) by Fisher information, so an RBM too weak to
+    reveal the temperature (e.g. freshly initialised) keeps β̂ near the prior instead of
+    chasing noise. Afterwards `refine(estimate)` folds a re-estimate into β̂, weighted by
+    precision, forgetting earlier calls by BETA_MEMORY per update.
     """
 
-    parameters: dict[str, list] = {"num_reads": [], "seed": [], "beta": [], "num_sweeps": []}
-    properties: dict[str, Any] = {}
+    #: information of the calibration prior, (30% of BETA_GUESS)^-2
+    PRIOR = (BETA_PRIOR_REL_SE * BETA_GUESS) ** -2
 
-    def __init__(self, strong_fraction: float = 0.5) -> None:
-        #: a ferromagnetic coupling joins a cluster when |J| >= strong_fraction * max |J|.
-        self.strong_fraction = strong_fraction
+    def __init__(self, beta: float | None = None) -> None:
+        self.fixed = beta  # the beta_eff option: what `reset` returns to
+        self.beta, self.information = beta, 0.0
+        self._round: tuple[float, float, list[float | None]] | None = None
 
-    def sample(  # type: ignore[override]
-        self,
-        bqm: dimod.BinaryQuadraticModel,
-        *,
-        num_reads: int = 1,
-        seed: int | None = None,
-        beta: float = 1.0,
-        num_sweeps: int = 100,
-        **qpu_parameters: Any,
-    ) -> dimod.SampleSet:
-        if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
-            raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-        labels = list(bqm.variables)
-        n = len(labels)
-        spin = bqm.spin
-        h, (row, col, q), _ = spin.to_numpy_vectors(variable_order=labels)
-        coo = sparse.coo_matrix((q, (row, col)), shape=(n, n))
-        j = (coo + coo.T).tocsr().astype(np.float32)
-        h = h.astype(np.float32)[:, None]
-        rng = np.random.default_rng(seed)
-        s = np.where(rng.random((n, num_reads)) < 0.5, -1.0, 1.0).astype(np.float32)
-        colour = _greedy_colouring(j)
-        single = [np.flatnonzero(colour == c) for c in range(int(colour.max(initial=-1)) + 1)]
-        single_mats = [j[idx] for idx in single]
-        groups = self._cluster_groups(j)
-        b = np.float32(beta)
-        for _ in range(num_sweeps):
-            cancel.check()  # a service's wall-time limit or shutdown stops the run here
-            for idx, rows in zip(single, single_mats, strict=True):
-                field = h[idx] + rows @ s
-                up = rng.random(field.shape, dtype=np.float32) < expit(-2 * b * field)
-                s[idx] = np.where(up, ONE, -ONE)
-            for members, boundary, aggregate, which in groups:
-                local = s[members] * (h[members] + boundary @ s)
-                delta = -2.0 * (aggregate @ local)  # energy change of flipping each cluster
-                flip = rng.random(delta.shape, dtype=np.float32) < expit(-b * delta)
-                s[members] *= np.where(flip[which], -ONE, ONE)
-        samples = s.T.astype(np.int8)
-        if bqm.vartype is dimod.BINARY:
-            samples = (samples + 1) // 2
-        out = dimod.SampleSet.from_samples_bqm((samples, labels), bqm)
-        out.info.update(beta=float(beta), num_sweeps=num_sweeps)
-        return out
+    # ------------------------------------------------------------- calibration
+    def init(self) -> float:
+        """Start a calibration; the β to program for its first round."""
+        self._round = (BETA_GUESS, self.PRIOR, [])
+        return BETA_GUESS
 
-    def _cluster_groups(self, j: sparse.csr_matrix) -> list[tuple[Any, ...]]:
-        """Clusters of ≥ 2 spins joined by strong ferromagnetic couplings, in groups of
-        mutually uncoupled clusters: (members, boundary couplings, member→cluster sum, index)."""
-        n = j.shape[0]
-        if j.nnz == 0:
-            return []
-        threshold = self.strong_fraction * float(np.abs(j.data).max())
-        strong = j.copy()
-        strong.data = (strong.data <= -threshold).astype(np.float32)
-        strong.eliminate_zeros()
-        _, label = connected_components(strong, directed=False)
-        sizes = np.bincount(label)
-        multi = np.flatnonzero(sizes >= 2)
-        if multi.size == 0:
-            return []
-        member = sizes[label] >= 2
-        # cluster adjacency: clusters coupled by any coupling must not flip simultaneously
-        p = sparse.csr_matrix((np.ones(member.sum()), (np.flatnonzero(member),
-                               np.searchsorted(multi, label[member]))), shape=(n, multi.size))
-        adj = (p.T @ abs(j) @ p).tocsr()
-        adj.setdiag(0)
-        adj.eliminate_zeros()
-        colour = _greedy_colouring(adj)
-        groups = []
-        for c in range(int(colour.max()) + 1):
-            clusters = multi[colour == c]
-            members = np.flatnonzero(np.isin(label, clusters))
-            which = np.searchsorted(clusters, label[members])
-            rows = j[members].tocoo()
-            outside = label[members[rows.row]] != label[rows.col]  # drop intra-cluster bonds
-            boundary = sparse.csr_matrix(
-                (rows.data[outside], (rows.row[outside], rows.col[outside])),
-                shape=(members.size, n), dtype=np.float32,
-            )
-            aggregate = sparse.csr_matrix(
-                (np.ones(members.size, np.float32), (which, np.arange(members.size))),
-                shape=(clusters.size, members.size),
-            )
-            groups.append((members, boundary, aggregate, which))
-        return groups
+    def update(self, estimate: BetaEstimate | None) -> float | None:
+        """Record one calibration round; the β for the next round, or None when done (β̂
+        self-consistent to CALIBRATION_TOL, uninformative samples, or rounds spent)."""
+        if self._round is None:
+            raise RuntimeError("BetaTracker.update before init")
+        beta, information, history = self._round
+        history.append(None if estimate is None else estimate.beta)
+        if estimate is None:
+            return None
+        information = self.PRIOR + estimate.information
+        new = (self.PRIOR * BETA_GUESS + estimate.information * estimate.beta) / information
+        self._round = (new, information, history)
+        done = abs(new / beta - 1) < CALIBRATION_TOL or len(history) >= CALIBRATION_ROUNDS
+        return None if done else new
+
+    def final(self) -> Calibration:
+        """End the calibration: its β becomes β̂; what it did."""
+        if self._round is None:
+            raise RuntimeError("BetaTracker.final before init")
+        beta, information, history = self._round
+        self._round = None
+        self.beta, self.information = beta, information
+        return Calibration(len(history), history, 1 / (beta * math.sqrt(information)))
+
+    # ------------------------------------------------------------- re-estimates
+    def refine(self, estimate: BetaEstimate) -> None:
+        """Fold a re-estimate from a sampling call into β̂ (precision-weighted running
+        estimate that slowly forgets old calls)."""
+        if self.beta is None:
+            raise RuntimeError("BetaTracker.refine before calibration")
+        self.information = BETA_MEMORY * self.information + estimate.information
+        self.beta += (estimate.beta - self.beta) * estimate.information / self.information
+
+    def reset(self) -> None:
+        """Forget β̂ (back to the beta_eff option, or unknown)."""
+        self.beta, self.information, self._round = self.fixed, 0.0, None

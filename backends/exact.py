@@ -12,6 +12,8 @@ from typing import Any
 import torch
 
 from backends.base import (
+    BackendOptions,
+    Capabilities,
     Cost,
     ProblemShape,
     Sampler,
@@ -19,36 +21,39 @@ from backends.base import (
     Timer,
     energies,
     make_generator,
-    option_values,
 )
+from backends.options import Field
 from qvae.rbm import RBM, states_from_index
 
 #: Enumerating more states would hold > 16 GiB of float64 tables (log p and its CDF).
 MAX_STATES = 2**30
 
 
+class ExactOptions(BackendOptions):
+    max_states: int = Field(2**22, ge=2, le=MAX_STATES,
+                            description="most states it enumerates (2^30 at most: its tables "
+                            "would need > 16 GiB); a larger problem is refused, use 'gibbs' "
+                            "or 'neal' for it")
+
+
 class ExactSampler(Sampler):
     """Exact sampling by enumerating the smaller layer (at most `max_states` states)."""
 
     name = "exact"
-    binary = True
+    Options = ExactOptions
+    capabilities = Capabilities(resource="cpu", output="binary", general_bqm=True)
 
-    def __init__(self, *, max_states: int = 2**22) -> None:
-        if isinstance(max_states, bool) or not isinstance(max_states, int) or max_states < 2:
-            raise ValueError(f"max_states must be an int >= 2, got {max_states!r}")
-        if max_states > MAX_STATES:
-            raise ValueError(f"max_states must be <= 2^30 = {MAX_STATES} (its tables would "
-                             f"need > 16 GiB), got {max_states!r}; use 'gibbs' or 'neal' for "
-                             "an RBM this size")
-        self.max_states = max_states
+    @property
+    def max_states(self) -> int:
+        return self.options.max_states
 
     @classmethod
-    def work(cls, options: Mapping[str, Any], shape: ProblemShape, num_samples: int
-             ) -> dict[str, Cost]:
+    def work(cls, options: Mapping[str, Any] | BackendOptions, shape: ProblemShape,
+             num_samples: int) -> dict[str, Cost]:
         """2^(smaller layer) states (2^all variables for a non-bipartite BQM), each costing
         its free energy (size update-equivalents). (A problem over max_states is refused by
         the backend itself before it enumerates anything.)"""
-        option_values(cls, options)
+        cls.parse_options(options)
         n = min(shape.n_visible, shape.n_hidden) if shape.bipartite else shape.n_units
         what = f"a smaller layer of {n} units" if shape.bipartite else f"{n} variables"
         states, fix = float(2**n), ("the problem size (use 'gibbs' or 'neal' for this one)",)

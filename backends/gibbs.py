@@ -7,28 +7,16 @@ chain count, device or dtype changes), so a trainer pays burn-in once and `num_s
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 
-from backends.base import (
-    Cost,
-    ProblemShape,
-    Sampler,
-    SampleSet,
-    Timer,
-    check_state_bytes,
-    energies,
-    make_generator,
-    option_values,
-)
+from backends.base import SampleSet, Timer, energies
+from backends.chains import ChainOptions, ChainSampler, Plan, burn_in, run_rounds
 from backends.numerics import check_precision
+from backends.options import Capabilities, Field
 from qvae import cancel
 from qvae.rbm import RBM
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 #: Uniforms for up to this many bytes are drawn in one go (several sweeps' worth when they fit).
 BLOCK_BYTES = 4 << 20
@@ -136,143 +124,75 @@ def gibbs_sweeps(
     return v, h_out
 
 
-class GibbsSampler(Sampler):
-    """Block Gibbs with persistent chains.
+def gibbs_advance(
+    generator: torch.Generator, h: torch.Tensor, params: Sequence[torch.Tensor], num_sweeps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gibbs_sweeps` in the chain shell's shape: (state h, info v) after `num_sweeps` sweeps,
+    `params` = (β W, β b, β c)."""
+    v, h = gibbs_sweeps(h, *params, num_sweeps, generator)
+    return h, v
 
-    Args:
-        num_sweeps: sweeps per call (and between successive rounds when num_samples > chains).
-        burn_in: sweeps run once when chains are (re)initialised.
-        num_chains: parallel chains; None means one chain per requested sample.
-        persistent: keep chains across calls (PCD); False starts fresh chains every call.
-        beta: inverse temperature; samples follow exp(-beta * E).
-        device, dtype: where and in what precision the chains run.
+
+class GibbsOptions(ChainOptions):
+    num_sweeps: int = Field(10, ge=1, description="sweeps per call, and between successive "
+                            "rounds when num_samples > num_chains")
+    burn_in: int = Field(100, ge=0, description="sweeps run once when chains start: on the "
+                         "first call, a new hidden-layer size or chain count, every call when "
+                         "persistent is false")
+    beta: float = Field(1.0, gt=0, description="inverse temperature: samples follow "
+                        "exp(-beta * E)")
+
+
+class GibbsSampler(ChainSampler):
+    """Block Gibbs with persistent chains (options: `GibbsOptions`).
+
+    The chain state is h (kept as "hidden" in checkpoints); `num_sweeps` sweeps per round.
     """
 
     name = "gibbs"
-    binary = True
-
-    def __init__(
-        self,
-        *,
-        num_sweeps: int = 10,
-        burn_in: int = 100,
-        num_chains: int | None = None,
-        persistent: bool = True,
-        beta: float = 1.0,
-        device: str = "cpu",
-        dtype: str = "float32",
-    ) -> None:
-        for key, val, low in (("num_sweeps", num_sweeps, 1), ("burn_in", burn_in, 0)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < low:
-                raise ValueError(f"{key} must be an int >= {low}, got {val!r}")
-        if num_chains is not None and (
-            isinstance(num_chains, bool) or not isinstance(num_chains, int) or num_chains < 1
-        ):
-            raise ValueError(f"num_chains must be None or an int >= 1, got {num_chains!r}")
-        if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
-            raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        try:
-            self.device = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}") from exc
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={device!r} but CUDA is not available here; use 'cpu'")
-        self.num_sweeps, self.burn_in, self.num_chains = num_sweeps, burn_in, num_chains
-        self.persistent, self.beta, self.dtype = bool(persistent), float(beta), DTYPES[dtype]
-        self._hidden: torch.Tensor | None = None  # persistent chain state
-        self._generator: torch.Generator | None = None
-
+    Options = GibbsOptions
+    capabilities = Capabilities(resource="cpu", output="binary")
+    round_option, step_word, chain_key = "num_sweeps", "sweeps", "hidden"
     #: Work model: every sweep costs each chain its units + couplings, plus a fixed dispatch
     #: cost of ~20 µs (≈ 2·10^5 update-equivalents) however small the problem.
-    SWEEP_OVERHEAD = 2e5
+    STEP_COST, STEP_OVERHEAD = 1.0, 2e5
 
     @classmethod
-    def work(cls, options: Mapping[str, Any], shape: ProblemShape, num_samples: int
-             ) -> dict[str, Cost]:
-        o = option_values(cls, options)
-        chains = o["num_chains"] or num_samples
-        rounds = math.ceil(num_samples / chains)
-        sweeps = o["burn_in"] + rounds * o["num_sweeps"]
-        elem = DTYPES[o["dtype"]].itemsize
-        return {
-            "work": Cost(sweeps * (chains * shape.size + cls.SWEEP_OVERHEAD),
-                         f"(burn_in {o['burn_in']} + {rounds} round(s) × num_sweeps "
-                         f"{o['num_sweeps']}) sweeps × (num_chains {chains} × size "
-                         f"{shape.size} + {cls.SWEEP_OVERHEAD:g})",
-                         ("num_sweeps", "burn_in", "num_chains", "num_samples")),
-            "state_bytes": Cost(cls._state_bytes(chains, rounds, shape.n_units, elem),
-                                f"num_chains {chains} × {shape.n_units} units × {elem} bytes",
-                                ("num_chains", "num_samples")),
-        }
-
-    @staticmethod
-    def _state_bytes(chains: int, rounds: int, n_units: int, elem: int) -> float:
+    def state_bytes(cls, plan: Plan, num_samples: int, n_units: int, elem: int) -> float:
         """Chain state and matmul buffers (4 per chain) plus the samples kept (2 per sample)."""
-        return float(elem * n_units * (4 * chains + 2 * rounds * chains) + BLOCK_BYTES * 5 / 4)
-
-    def reset(self) -> None:
-        self._hidden = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "hidden": None if self._hidden is None else self._hidden.cpu(),
-            "generator": None if self._generator is None else self._generator.get_state(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        hidden = state.get("hidden")
-        self._hidden = None if hidden is None else hidden.to(self.device, self.dtype)
-        if state.get("generator") is not None:
-            self._generator = make_generator(0, self.device)
-            self._generator.set_state(state["generator"])
+        chains = plan.n_chains
+        return float(elem * n_units * (4 * chains + 2 * plan.rounds * chains)
+                     + BLOCK_BYTES * 5 / 4)
 
     def _sample(self, rbm: RBM, num_samples: int, *, seed: int | None, timer: Timer) -> SampleSet:
+        o, chains = self.options, self.chains
         with timer("preprocess"):
-            check_precision(rbm, self.dtype, backend=self.name, beta=self.beta)
-            if seed is not None or self._generator is None:
-                self._generator = make_generator(seed, self.device)
-            gen = self._generator
-            params = [p.detach().to(self.device, self.dtype) * self.beta for p in
+            check_precision(rbm, chains.dtype, backend=self.name, beta=o.beta)
+            gen = chains.generator(seed)
+            params = [p.detach().to(chains.device, chains.dtype) * o.beta for p in
                       (rbm.effective_weight(), rbm.visible_bias, rbm.hidden_bias)]
-            n_chains = self.num_chains or num_samples
-            check_state_bytes(self._state_bytes(n_chains, math.ceil(num_samples / n_chains),
-                                                rbm.n_units, self.dtype.itemsize),
-                              f"num_chains={n_chains} on {rbm.n_units} units")
-            fresh = (
-                not self.persistent
-                or self._hidden is None
-                or tuple(self._hidden.shape) != (n_chains, rbm.n_hidden)
-            )
+            plan = self.plan(num_samples, rbm.n_units)
+            kept = chains.resume((plan.n_chains, rbm.n_hidden))
         with timer("sample"):
-            if fresh:
-                h0 = torch.empty(n_chains, rbm.n_hidden, device=self.device, dtype=self.dtype)
+            if kept is None:  # fresh chains from Bernoulli(½), burned in
+                h0 = torch.empty(plan.n_chains, rbm.n_hidden, device=chains.device,
+                                 dtype=chains.dtype)
                 h = torch.bernoulli(h0.fill_(0.5), generator=gen)
-                if self.burn_in:
-                    _, h = gibbs_sweeps(h, *params, self.burn_in, gen)
+                h, _, _ = burn_in(gibbs_advance, gen, h, params, o.burn_in)
             else:
-                h = self._hidden
-            rounds = math.ceil(num_samples / n_chains)
-            vs, hs = [], []
-            for _ in range(rounds):
-                v, h = gibbs_sweeps(h, *params, self.num_sweeps, gen)
-                vs.append(v)
-                hs.append(h)
-            if self.persistent:
-                self._hidden = h
+                h = kept["hidden"]
+            h, samples = run_rounds(gibbs_advance, gen, h, params, plan.rounds, o.num_sweeps)
+            chains.keep(h)
         with timer("postprocess"):
             out_device, out_dtype = rbm.weight.device, rbm.weight.dtype
-            visible = torch.cat(vs)[:num_samples].to(out_device, out_dtype)
-            hidden = torch.cat(hs)[:num_samples].to(out_device, out_dtype)
+            visible = torch.cat([v for _, v in samples])[:num_samples].to(out_device, out_dtype)
+            hidden = torch.cat([h for h, _ in samples])[:num_samples].to(out_device, out_dtype)
             energy = energies(rbm, visible, hidden)
+        fresh = kept is None
         info = {
-            "num_chains": n_chains,
-            "num_sweeps": self.num_sweeps,
-            "rounds": rounds,
-            "burned_in": fresh and self.burn_in > 0,
-            "beta": self.beta,
-            "spin_updates": (rounds * self.num_sweeps + (self.burn_in if fresh else 0))
-            * n_chains * rbm.n_units,
+            **self.chain_info(plan, fresh),
+            "beta": o.beta,
+            "spin_updates": plan.steps(o.burn_in, o.num_sweeps, fresh)
+            * plan.n_chains * rbm.n_units,
         }
         return SampleSet(visible, hidden, energy, info)

@@ -25,7 +25,6 @@ joint whose ℓ + g marginal is π_τ itself (`qvae.relax.extended_log_density`)
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -33,14 +32,15 @@ import torch
 from backends._langevin_kernels import (
     TARGET_ACCEPTANCE,
     LangevinState,
+    MALARunInfo,
     StepSize,
-    adapt_log_step,
-    mala_step,
+    mala_steps,
 )
-from backends.langevin import LangevinSampler, check_positive
-from qvae import cancel
+from backends.adaptation import StepSizeAdaptation
+from backends.chains import Plan
+from backends.langevin import Dynamics, LangevinOptions, LangevinSampler
+from backends.options import Capabilities, Field
 from qvae.relax import (
-    LogDensityFn,
     RelaxParams,
     extended_log_density_and_grad,
     extended_to_u,
@@ -70,26 +70,31 @@ def kink_step(
     return step
 
 
-class MALASampler(LangevinSampler):
-    """MALA on π_τ (or on the extended state) with persistent chains and burn-in adaptation.
+class MALAOptions(LangevinOptions):
+    tau: float = Field(0.01, gt=0, description="relaxation temperature τ; the rounded law's "
+                       "TV bias is ≈ 0.4-0.5 τ on the reference RBMs (MH removes the Δt bias)")
+    step_size: float = Field(0.1, gt=0, description="initial step Δt; adapted during burn-in "
+                             "when adapt is true, fixed otherwise")
+    num_steps: int = Field(50, ge=1, description="MALA steps per call, and between successive "
+                           "rounds when num_samples > num_chains")
+    burn_in: int = Field(2000, ge=0, description="steps run (and adapted over) once when "
+                         "chains are (re)initialised (2000 suits a 12x30 RBM with couplings "
+                         "N(0, 0.7²); the reference RBMs mix in ≈ 300)")
+    extended: bool = Field(False, description="sample the extended state (ℓ, g) instead of u")
+    precondition: float = Field(1.0, ge=0, description="strength c of the kink preconditioner "
+                                "D_i(u) = 1/(1/Δt + c σ'(u_i/τ)/τ²); 0 gives plain MALA")
+    adapt: bool = Field(True, description="adapt Δt during burn-in toward target_acceptance")
+    target_acceptance: float = Field(TARGET_ACCEPTANCE, gt=0, lt=1, description="the mean "
+                                     "acceptance probability the adaptation aims for")
 
-    Args:
-        tau: relaxation temperature τ (rounded-law TV bias ≈ 0.4–0.5 τ on reference RBMs).
-        step_size: initial Δt; adapted during burn-in when `adapt` is true, fixed otherwise.
-        num_steps: MALA steps per call (and between rounds when num_samples > chains).
-        burn_in: steps run (and adapted over) once when chains are (re)initialised.
-        num_chains: parallel chains; None means one chain per requested sample.
-        persistent: keep chains and the adapted Δt across calls (PCD).
-        num_threads: torch intra-op threads while sampling (see `langevin`); None = unchanged.
-        extended: sample the extended state (ℓ, g) instead of u.
-        precondition: strength c of the kink preconditioner (module docstring); 0 = plain MALA.
-        adapt: adapt Δt during burn-in toward `target_acceptance`.
-        target_acceptance: the mean acceptance probability adaptation aims for, in (0, 1).
-        device, dtype: where and in what precision the chains run.
-    """
+
+class MALASampler(LangevinSampler):
+    """MALA on π_τ (or on the extended state) with persistent chains and burn-in adaptation
+    (options: `MALAOptions`). The adapted Δt is kept with the chains ("step_size")."""
 
     name = "mala"
-    binary = False
+    Options = MALAOptions
+    capabilities = Capabilities(resource="cpu", output="continuous")
     #: τ = 0.01 (default): relaxation bias TV 0.0048 (6x4) / 0.0039 (8x8), moments ≤ 0.9 sd,
     #: against tolerances 0.033 / 0.051 at N = 20000; MH makes the kernel exact for π_τ, so no
     #: Δt bias. The reference RBMs mix in ≈ 300 steps (TV to π_τ at the noise floor), so the
@@ -97,121 +102,43 @@ class MALASampler(LangevinSampler):
     #: with couplings N(0, 0.7²) needs ≈ 2000).
     #: One torch thread: see `langevin` (num_threads).
     conformance_options: dict[str, Any] = {"burn_in": 500, "num_threads": 1}
+    chain_numbers = ("step_size",)
     #: Work model (see `langevin`): a MALA step costs ~4× a ULA step per chain (measured).
     STEP_COST, STEP_OVERHEAD = 4.0, 1e6
 
-    def __init__(
-        self,
-        *,
-        tau: float = 0.01,
-        step_size: float = 0.1,
-        num_steps: int = 50,
-        burn_in: int = 2000,
-        num_chains: int | None = None,
-        persistent: bool = True,
-        num_threads: int | None = None,
-        extended: bool = False,
-        precondition: float = 1.0,
-        adapt: bool = True,
-        target_acceptance: float = TARGET_ACCEPTANCE,
-        device: str = "cpu",
-        dtype: str = "float32",
-    ) -> None:
-        self._init_chains(tau=tau, step_size=step_size, num_steps=num_steps, burn_in=burn_in,
-                          num_chains=num_chains, persistent=persistent,
-                          num_threads=num_threads, device=device, dtype=dtype)
-        for key, val in (("extended", extended), ("adapt", adapt)):
-            if not isinstance(val, bool):
-                raise ValueError(f"{key} must be a bool, got {val!r}")
-        if isinstance(precondition, bool) or not isinstance(precondition, (int, float)) or not (
-            0 <= precondition < math.inf
-        ):
-            raise ValueError(f"precondition must be a finite number >= 0, got {precondition!r}")
-        self.precondition = float(precondition)
-        target = check_positive("target_acceptance", target_acceptance)
-        if not target < 1:
-            raise ValueError(f"target_acceptance must be in (0, 1), got {target_acceptance!r}")
-        self.extended, self.adapt, self.target_acceptance = extended, adapt, target
-        self._step = self.step_size  # the Δt in force (adapted during burn-in)
-        self._acceptance: list[torch.Tensor] = []
-        self._burn_in_acceptance: float | None = None
+    def dynamics(self, params: RelaxParams, plan: Plan, n_visible: int) -> Dynamics:
+        """This call's chain algorithm: MALA on u (or Φ = [ℓ ‖ g]) with the kink
+        preconditioner, Δt adapted during burn-in."""
+        o, chains = self.options, self.chains
+        kw = {"device": chains.device, "dtype": chains.dtype}
+        shape = (plan.n_chains, n_visible)
 
-    # ------------------------------------------------------------------- hooks
-    def _state_dim(self, n_visible: int) -> int:
-        return 2 * n_visible if self.extended else n_visible
+        def fn(x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+            if o.extended:
+                return extended_log_density_and_grad(params, x, o.tau)
+            return log_density_and_grad(params, x, o.tau)
 
-    def _logdensity_fn(self, params: RelaxParams) -> LogDensityFn:
-        if self.extended:
-            return lambda phi: extended_log_density_and_grad(params, phi, self.tau)
-        return lambda u: log_density_and_grad(params, u, self.tau)
+        def advance(gen: torch.Generator, state: LangevinState, step: float, k: int
+                    ) -> tuple[LangevinState, MALARunInfo]:
+            return mala_steps(gen, state, fn, kink_step(step, o.tau, o.precondition,
+                                                        o.extended), k)
 
-    def _init_position(self, n_chains: int, n_visible: int, gen: torch.Generator) -> torch.Tensor:
-        kw = {"device": self.device, "dtype": self.dtype}
-        if not self.extended:
-            return sample_logistic((n_chains, n_visible), gen, **kw)
-        # ℓ = −Gumbel and g = Gumbel, so ℓ + g ~ Logistic(0, 1): the same base law as u.
-        shape = (n_chains, n_visible)
-        return torch.cat([-sample_gumbel(shape, gen, **kw), sample_gumbel(shape, gen, **kw)], 1)
+        def init(gen: torch.Generator) -> torch.Tensor:
+            if not o.extended:
+                return sample_logistic(shape, gen, **kw)
+            # ℓ = −Gumbel and g = Gumbel, so ℓ + g ~ Logistic(0, 1): the same base law as u.
+            return torch.cat([-sample_gumbel(shape, gen, **kw), sample_gumbel(shape, gen, **kw)],
+                             1)
 
-    def _to_u(self, position: torch.Tensor) -> torch.Tensor:
-        return extended_to_u(position) if self.extended else position
+        def to_u(position: torch.Tensor) -> torch.Tensor:
+            return extended_to_u(position) if o.extended else position
 
-    def _on_fresh_chains(self) -> None:
-        self._step = self.step_size
+        def report(step: float, runs: list[MALARunInfo]) -> dict[str, Any]:
+            accepted = float(torch.stack([r.num_accepted for r in runs]).sum())
+            total = len(runs) * o.num_steps * plan.n_chains
+            return {"step_size": step, "acceptance": accepted / total,
+                    "extended": o.extended, "precondition": o.precondition}
 
-    def _burn_in(
-        self, gen: torch.Generator, state: LangevinState, fn: LogDensityFn
-    ) -> LangevinState:
-        log_step = torch.tensor(math.log(self._step), dtype=torch.float64)
-        accepted = []
-        for t in range(self.burn_in):
-            step = kink_step(float(log_step.exp()), self.tau, self.precondition, self.extended)
-            state, info = mala_step(gen, state, fn, step)
-            cancel.check()
-            rate = info.acceptance_prob.mean().double().cpu()
-            accepted.append(rate)
-            if self.adapt:
-                log_step = adapt_log_step(log_step, rate, t, target=self.target_acceptance)
-        if self.adapt and self.burn_in:
-            self._step = float(log_step.exp())
-        self._burn_in_acceptance = float(torch.stack(accepted).mean()) if accepted else None
-        return state
-
-    def _run(
-        self, gen: torch.Generator, state: LangevinState, fn: LogDensityFn, steps: int
-    ) -> LangevinState:
-        step = kink_step(self._step, self.tau, self.precondition, self.extended)
-        for _ in range(steps):
-            state, info = mala_step(gen, state, fn, step)
-            cancel.check()
-            self._acceptance.append(info.is_accepted.sum())
-        return state
-
-    def _begin_call(self) -> None:
-        self._acceptance, self._burn_in_acceptance = [], None
-
-    def _info(self, n_chains: int) -> dict[str, Any]:
-        accepted = float(torch.stack(self._acceptance).sum()) if self._acceptance else 0.0
-        total = len(self._acceptance) * n_chains
-        info = {
-            "step_size": self._step,
-            "acceptance": accepted / total if total else float("nan"),
-            "extended": self.extended,
-            "precondition": self.precondition,
-        }
-        if self._burn_in_acceptance is not None:
-            info["burn_in_acceptance"] = self._burn_in_acceptance
-        return info
-
-    # --------------------------------------------------------- persistent state
-    def reset(self) -> None:
-        super().reset()
-        self._step = self.step_size
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "step_size": self._step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        if state.get("step_size") is not None:
-            self._step = float(state["step_size"])
+        adaptation = StepSizeAdaptation(target=o.target_acceptance, enabled=o.adapt)
+        dim = 2 * n_visible if o.extended else n_visible
+        return Dynamics(dim, fn, init, advance, adaptation, to_u, report)

@@ -68,13 +68,13 @@ class BackendSampler(dimod.Sampler):
     def __init__(self, name: str, **options: Any) -> None:
         self.backend = get_sampler(name, **options)  # ValueError naming a bad name or option
         self.name = name
-        self._general = hasattr(self.backend, "sample_general_bqm")
+        self._general = self.backend.capabilities.general_bqm
         self._parameters: dict[str, list] = {"num_reads": [], "seed": []}
         self._properties: dict[str, Any] = {
             "backend": name,
             "backend_options": dict(options),
             "backend_option_names": option_names(name),
-            "binary": bool(sampler_class(name).binary),
+            "binary": sampler_class(name).capabilities.binary,
             "general_bqm": self._general,
         }
 

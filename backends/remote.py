@@ -20,19 +20,21 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
 import uuid
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import orjson
 import torch
+from pydantic import SecretStr, field_validator
 
-from backends.base import Sampler, SampleSet, Timer, energies
+from backends.base import BackendOptions, Sampler, SampleSet, Timer, energies
+from backends.options import Capabilities, Field
+from backends.retry import RetryableResult, call_with_retries
 from qvae.rbm import RBM
 
-MODES = ("auto", "inline", "job")
 RETRY_STATUS = (502, 503, 504)
 SEED_LIMIT = 2**63  # the service takes seeds below 2**63; larger ones are reduced modulo it
 MAX_BACKOFF_S, MAX_RETRY_AFTER_S, MAX_POLL_S = 10.0, 30.0, 2.0
@@ -51,12 +53,70 @@ class RemoteError(RuntimeError):
         self.status_code, self.detail = status_code, detail
 
 
-def _positive(key: str, val: Any, *, allow_zero: bool = False) -> float:
-    ok = isinstance(val, (int, float)) and not isinstance(val, bool) and math.isfinite(val)
-    if not ok or val < 0 or (val == 0 and not allow_zero):
-        raise ValueError(f"{key} must be a finite number {'>=' if allow_zero else '>'} 0, "
-                         f"got {val!r}")
-    return float(val)
+#: Options read from the environment when not given (a config or a call may leave them out).
+ENV = {"url": "QVAE_SERVICE_URL", "api_key": "QVAE_API_KEY"}
+
+
+class RemoteOptions(BackendOptions):
+    url: str | None = Field(None, description="base URL of the qvae service, http(s)://HOST:PORT "
+                            "(None: $QVAE_SERVICE_URL)")
+    target: str = Field("gibbs", description="the backend the service samples with (any "
+                        "backend a service serves, e.g. dwave); its options go in `options`")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="the target's options, checked here by the target's "
+        "own options (plain JSON values) and sent to the service")
+    api_key: SecretStr | None = Field(
+        None, json_schema_extra={"secret": True}, description="API key sent as a Bearer token "
+        "(None: $QVAE_API_KEY; prefer the variable: a config is saved with every run)")
+    timeout_s: float = Field(60.0, gt=0, description="seconds to wait for one HTTP "
+                             "answer; raise it, or use mode=job, for long inline runs")
+    connect_timeout_s: float = Field(5.0, gt=0,
+                                     description="seconds to wait for a connection")
+    max_retries: int = Field(3, ge=0, description="retries of a call that failed in "
+                             "transit or got 429 (queue full) / 502 / 503 / 504; 0: none")
+    retry_backoff_s: float = Field(0.5, ge=0, description="first wait between retries "
+                                   "(doubling, at most 10 s; a Retry-After header wins)")
+    poll_interval_s: float = Field(0.1, gt=0, description="first wait between polls "
+                                   "of a job (growing 1.5× up to 2 s)")
+    job_timeout_s: float = Field(3600.0, gt=0, description="give up on a job "
+                                 "that has not finished after this many seconds")
+    mode: Literal["auto", "inline", "job"] = Field(
+        "auto", description="inline: answer in the reply; job: poll a job id; auto: the "
+        "service decides by the request's size")
+    return_continuous: bool = Field(False, description="also return the continuous state of "
+                                    "continuous targets (langevin, mala)")
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return url
+
+    @field_validator("target")
+    @classmethod
+    def _servable(cls, target: str) -> str:
+        from backends.registry import servable
+
+        if target not in servable():
+            raise ValueError(f"must be a backend a qvae service serves, one of {servable()}")
+        return target
+
+    @field_validator("options")
+    @classmethod
+    def _json(cls, options: dict[str, Any]) -> dict[str, Any]:
+        try:
+            json.dumps(options, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"must be plain JSON values ({exc})") from None
+        return options
+
+    @field_validator("api_key")
+    @classmethod
+    def _not_blank(cls, key: SecretStr | None) -> SecretStr | None:
+        if key is not None and not key.get_secret_value().strip():
+            raise ValueError("must be a non-empty string or None")
+        return key
 
 
 def _detail_text(detail: Any) -> str:
@@ -70,62 +130,37 @@ class RemoteSampler(Sampler):
     """Sampling on a qvae sampler service; see the module docstring."""
 
     name = "remote"
-    binary = True  # continuous targets (langevin, mala) also return `.continuous` when asked
+    Options = RemoteOptions
+    #: binary: continuous targets (langevin, mala) also return `.continuous` when asked.
+    capabilities = Capabilities(resource="network", output="binary", servable=False)
     conformance_options = {}  # checked through a live server in test_service
 
-    def __init__(
-        self,
-        *,
-        url: str | None = None,
-        target: str = "gibbs",
-        options: dict[str, Any] | None = None,
-        api_key: str | None = None,
-        timeout_s: float = 60.0,
-        connect_timeout_s: float = 5.0,
-        max_retries: int = 3,
-        retry_backoff_s: float = 0.5,
-        poll_interval_s: float = 0.1,
-        job_timeout_s: float = 3600.0,
-        mode: str = "auto",
-        return_continuous: bool = False,
-    ) -> None:
-        url = url if url is not None else os.environ.get("QVAE_SERVICE_URL") or None
-        if url is None:
+    def __init__(self, **options: Any) -> None:
+        env = {k: os.environ[v] for k, v in ENV.items()
+               if options.get(k) is None and os.environ.get(v)}
+        super().__init__(**{**options, **env})
+        o = self.options
+        if o.url is None:
             raise ValueError("backend 'remote' needs the service's URL: pass url=... "
                              "(--set backend.url=http://HOST:8700) or set QVAE_SERVICE_URL")
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise ValueError(f"url must start with http:// or https://, got {url!r}")
-        if not isinstance(target, str) or not target.isidentifier() or target == "remote":
-            raise ValueError(f"target must be a backend name other than 'remote', got {target!r}")
-        options = {} if options is None else options
-        if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
-            raise ValueError(f"options must be a dict with str keys, got {options!r}")
-        try:
-            json.dumps(options, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"options must be plain JSON values, got {options!r}: {exc}") from None
-        api_key = api_key if api_key is not None else os.environ.get("QVAE_API_KEY") or None
-        if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
-            # a blank one may be quoted; a mistyped key (a YAML int, say) is still a secret
-            raise ValueError("api_key must be a non-empty string or None, got "
-                             + (repr(api_key) if isinstance(api_key, str)
-                                else f"a {type(api_key).__name__}"))
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-            raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if not isinstance(return_continuous, bool):
-            raise ValueError(f"return_continuous must be a bool, got {return_continuous!r}")
-        self.url, self.target, self.options = url.rstrip("/"), target, options
-        self.api_key = api_key
-        self.timeout_s = _positive("timeout_s", timeout_s)
-        self.connect_timeout_s = _positive("connect_timeout_s", connect_timeout_s)
-        self.retry_backoff_s = _positive("retry_backoff_s", retry_backoff_s, allow_zero=True)
-        self.poll_interval_s = _positive("poll_interval_s", poll_interval_s)
-        self.job_timeout_s = _positive("job_timeout_s", job_timeout_s)
-        self.max_retries, self.mode, self.return_continuous = max_retries, mode, return_continuous
+        self.url, self.target, self.target_options = o.url.rstrip("/"), o.target, o.options
+        self.api_key = o.api_key.get_secret_value() if o.api_key is not None else None
+        self.timeout_s, self.connect_timeout_s = o.timeout_s, o.connect_timeout_s
+        self.max_retries, self.retry_backoff_s = o.max_retries, o.retry_backoff_s
+        self.poll_interval_s, self.job_timeout_s = o.poll_interval_s, o.job_timeout_s
+        self.mode, self.return_continuous = o.mode, o.return_continuous
         self._http: Any = None  # httpx.Client, created on first use
         self._retries = 0
+
+    @classmethod
+    def parse_options(cls, options: Mapping[str, Any] | BackendOptions) -> BackendOptions:
+        """The client's options checked by `RemoteOptions`, and the target's options by the
+        target's own model (an `OptionError` naming that backend and option)."""
+        from backends import registry
+
+        o = super().parse_options(options)
+        registry.parse_options(o.target, o.options)
+        return o
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -158,36 +193,38 @@ class RemoteSampler(Sampler):
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_http": None}
 
-    def _delay(self, attempt: int, response: Any = None) -> float:
-        """Exponential backoff, or the server's Retry-After (seconds) when it sent one."""
+    @staticmethod
+    def _retry_after(exc: Exception) -> float | None:
+        """The server's Retry-After (seconds) of a retryable response, when it sent one."""
         try:
+            response = exc.value  # type: ignore[attr-defined]  # a RetryableResult
             return min(max(float(response.headers["retry-after"]), 0.0), MAX_RETRY_AFTER_S)
         except (AttributeError, KeyError, ValueError):
-            return min(self.retry_backoff_s * 2**attempt, MAX_BACKOFF_S)
+            return None  # exponential backoff
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         """One HTTP call with the retry policy; returns a non-retryable response (any status)."""
         import httpx
 
-        attempt = 0
-        while True:
-            try:
-                response = self._client().request(method, self.url + path, **kwargs)
-            except httpx.TransportError as exc:
-                if attempt >= self.max_retries:
-                    raise RemoteError(self._transport_message(exc, attempt + 1)) from exc
-                delay = self._delay(attempt)
-            else:
-                code = response.status_code
-                queue_full = code == 429 and "retry-after" in response.headers
-                if code not in RETRY_STATUS and not queue_full:
-                    return response
-                if attempt >= self.max_retries:
-                    raise self._error(response, attempt + 1)
-                delay = self._delay(attempt, response)
-            attempt += 1
+        def attempt() -> Any:
+            response = self._client().request(method, self.url + path, **kwargs)
+            code = response.status_code
+            if code in RETRY_STATUS or (code == 429 and "retry-after" in response.headers):
+                raise RetryableResult(response)
+            return response
+
+        def count(_: Exception) -> None:
             self._retries += 1
-            time.sleep(delay)
+
+        try:
+            return call_with_retries(
+                attempt, max_retries=self.max_retries, backoff_s=self.retry_backoff_s,
+                max_backoff_s=MAX_BACKOFF_S, delay_hint=self._retry_after, on_retry=count,
+                retryable=lambda e: isinstance(e, (httpx.TransportError, RetryableResult)))
+        except httpx.TransportError as exc:
+            raise RemoteError(self._transport_message(exc, self.max_retries + 1)) from exc
+        except RetryableResult as exc:
+            raise self._error(exc.value, self.max_retries + 1) from None
 
     def _transport_message(self, exc: Exception, attempts: int) -> str:
         import httpx
@@ -271,7 +308,8 @@ class RemoteSampler(Sampler):
                 return t.detach().to("cpu", torch.float64).numpy()
 
             body: dict[str, Any] = {
-                "backend": self.target, "num_samples": num_samples, "options": self.options,
+                "backend": self.target, "num_samples": num_samples,
+                "options": self.target_options,
                 "rbm": {"weight": rows(rbm.effective_weight()),
                         "visible_bias": rows(rbm.visible_bias),
                         "hidden_bias": rows(rbm.hidden_bias)},

@@ -38,7 +38,15 @@ from scipy.stats import norm
 
 from backends.base import Sampler
 from backends.registry import availability, get_sampler, registered, sampler_class
-from qvae.rbm import RBM, enumerate_states
+
+# The exact reference lives in the core (qvae compare uses it too); re-exported for tests.
+from qvae.exact_distribution import (  # noqa: F401
+    exact_moments,
+    exact_visible_marginal,
+    total_variation,
+    visible_index,
+)
+from qvae.rbm import RBM
 
 SamplerFactory = Callable[[], Sampler]
 
@@ -58,36 +66,6 @@ def random_rbm(n_visible: int, n_hidden: int, *, scale: float = 1.0, seed: int =
 def reference_rbms() -> list[RBM]:
     """The small RBMs the suite checks against enumeration (couplings of order 1)."""
     return [random_rbm(6, 4, seed=1), random_rbm(8, 8, seed=2)]
-
-
-@torch.no_grad()
-def exact_visible_marginal(rbm: RBM) -> torch.Tensor:
-    """p(v) for all 2^nv visible states (state index k has bit i = v_i), float64."""
-    if rbm.n_visible > 20:
-        raise ValueError(f"exact visible marginal needs 2^{rbm.n_visible} states; at most 2^20")
-    states = enumerate_states(rbm.n_visible, 0, 2**rbm.n_visible, torch.float64)
-    return torch.softmax(-rbm.float64_copy().free_energy(states), 0)
-
-
-@torch.no_grad()
-def exact_moments(rbm: RBM) -> dict[str, torch.Tensor]:
-    """Exact ⟨v⟩, ⟨h⟩ and ⟨v hᵀ⟩ by enumerating the visible layer."""
-    model = rbm.float64_copy()
-    states = enumerate_states(rbm.n_visible, 0, 2**rbm.n_visible, torch.float64)
-    p = torch.softmax(-model.free_energy(states), 0)
-    ph = model.p_h_given_v(states)
-    return {"v": p @ states, "h": p @ ph, "vh": (states * p[:, None]).T @ ph}
-
-
-def visible_index(visible: torch.Tensor) -> torch.Tensor:
-    """Index of each visible row among the 2^nv states (bit i = unit i)."""
-    weights = 2 ** torch.arange(visible.shape[1], dtype=torch.int64)
-    return (visible.detach().cpu().round().to(torch.int64) * weights).sum(1)
-
-
-def total_variation(visible: torch.Tensor, p_exact: torch.Tensor) -> float:
-    counts = torch.bincount(visible_index(visible), minlength=p_exact.numel()).double()
-    return 0.5 * float((counts / counts.sum() - p_exact).abs().sum())
 
 
 def tv_tolerance(p_exact: torch.Tensor, num_samples: int, delta: float = 1e-6) -> float:

@@ -1,10 +1,10 @@
 """Our hand-written QPU helpers against Ocean's own, on the same data: same answer? how fast?
 
-1. β_eff estimation: `backends.dwave_temperature.mpl_beta` (with `bipartite_fields`) against
+1. β_eff estimation: `backends.dwave_temperature.mpl_estimate` (with `bipartite_fields`) against
    `dwave.system.temperatures.maximum_pseudolikelihood_temperature`, given either the BQM and the
    samples (Ocean computes the effective fields) or our fields as `en1` (Ocean only solves).
    Samples: the logical Ising of an RBM sampled at a known β by the emulator's thermal kernel.
-2. Spin-reversal transforms: the gauge code of `DWaveBackend._run` (numpy: h·g, J·g_i·g_j, one
+2. Spin-reversal transforms: the gauge code of `QPUProgram.bqm` (numpy: h·g, J·g_i·g_j, one
    `from_numpy_vectors`, spins·g back) against `dwave.preprocessing.SpinReversalTransformComposite`
    given the same transforms (`srts`), on an Advantage-sized problem (Pegasus(16), random h, J).
    The child is dimod's `TrackingComposite` over a real sampler, so the programmed BQMs and the
@@ -29,8 +29,9 @@ from dwave.preprocessing import SpinReversalTransformComposite
 from dwave.samplers import SimulatedAnnealingSampler
 from dwave.system.temperatures import maximum_pseudolikelihood_temperature
 
-from backends.dwave import DWaveBackend
-from backends.dwave_temperature import ThermalIsingSampler, bipartite_fields, mpl_beta
+from backends.dwave import logical_ising
+from backends.dwave_emulator import ThermalIsingSampler
+from backends.dwave_temperature import QPUProgram, bipartite_fields, mpl_estimate
 from backends.testing import random_rbm
 
 OUT = Path(__file__).resolve().parent / "results" / "ocean_parity.json"
@@ -50,7 +51,7 @@ def best_time(fn: Any, repeats: int) -> tuple[float, Any]:
 def beta_case(nv: int, nh: int, scale: float, beta: float, reads: int, repeats: int,
               seed: int) -> dict[str, Any]:
     rbm = random_rbm(nv, nh, scale=scale, seed=seed)
-    h, w = DWaveBackend._logical_ising(rbm)
+    h, w = logical_ising(rbm)
     j = -w / 4
     labels = list(range(nv + nh))
     rows, cols = np.nonzero(j)
@@ -61,7 +62,7 @@ def beta_case(nv: int, nh: int, scale: float, beta: float, reads: int, repeats: 
 
     def ours() -> tuple[float, float]:
         fv, fh = bipartite_fields(spins[:, :nv], spins[:, nv:], h[:nv], h[nv:], j)
-        return mpl_beta(spins, np.concatenate([fv, fh], 1), with_information=True)
+        return mpl_estimate(spins, np.concatenate([fv, fh], 1))
 
     def ocean_full() -> float:
         t, _ = maximum_pseudolikelihood_temperature(bqm, (spins, labels))
@@ -91,21 +92,18 @@ def srt_case(shape: int, reads: int, transforms: int, seed: int, repeats: int) -
     labels = sorted(graph.nodes)
     index = {q: i for i, q in enumerate(labels)}
     edges = np.array([(index[a], index[b]) for a, b in graph.edges])
-    program = {"h": rng.uniform(-1, 1, len(labels)), "rows": edges[:, 0], "cols": edges[:, 1],
-               "j": rng.uniform(-1, 1, len(edges))}
+    program = QPUProgram(rng.uniform(-1, 1, len(labels)), edges[:, 0], edges[:, 1],
+                         rng.uniform(-1, 1, len(edges)))
     gauges = np.where(rng.random((transforms, len(labels))) < 0.5, -1.0, 1.0)
     child_seeds = [int(s) for s in rng.integers(2**31, size=transforms)]
     child = SimulatedAnnealingSampler()
     kwargs = {"num_sweeps": 2, "beta_range": [1.0, 1.0], "beta_schedule_type": "linear"}
 
     def ours() -> tuple[np.ndarray, list[dimod.BinaryQuadraticModel]]:
-        # the gauge lines of DWaveBackend._run, per transform
+        # the gauge lines of QPUClient.run, per transform
         out, programmed = [], []
         for gauge, s in zip(gauges, child_seeds, strict=True):
-            j = program["j"] * gauge[program["rows"]] * gauge[program["cols"]]
-            bqm = dimod.BinaryQuadraticModel.from_numpy_vectors(
-                program["h"] * gauge, (program["rows"], program["cols"], j), 0.0,
-                dimod.SPIN, variable_order=labels)
+            bqm = program.bqm(labels, gauge)
             programmed.append(bqm)
             result = child.sample(bqm, num_reads=reads, seed=s, **kwargs)
             got = list(result.variables)
@@ -115,12 +113,10 @@ def srt_case(shape: int, reads: int, transforms: int, seed: int, repeats: int) -
             out.append(spins * gauge.astype(np.int8))
         return np.concatenate(out), programmed
 
-    base = dimod.BinaryQuadraticModel.from_numpy_vectors(
-        program["h"], (program["rows"], program["cols"], program["j"]), 0.0, dimod.SPIN,
-        variable_order=labels)
+    base = program.bqm(labels)
 
     def ocean() -> tuple[np.ndarray, list[dimod.BinaryQuadraticModel]]:
-        # one composite call per transform, as _run calls the QPU once per part (own seed,
+        # one composite call per transform, as QPUClient.run calls the QPU once per part (own seed,
         # own retries and QPU-time record); srts gives the composite the same transforms
         out, programmed = [], []
         for gauge, s in zip(gauges, child_seeds, strict=True):

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(metrics["loss"])
+        losses.append(float(metrics["loss"]))  # metrics are 0-dim tensors
         if step % max(steps // 10, 1) == 0 or step == steps - 1:
             print(f"step {step + 1}/{steps}: loss {metrics['loss']:.1f}, sampler "
                   f"{out.info['timing']['total_s'] * 1000:.1f} ms")

@@ -2,6 +2,8 @@
 
 The Python API (README, "Python API"):
 
+- priors on any graph: `BoltzmannMachine` (labelled units, couplings on an edge list; README,
+  "Priors on any graph") and its constructors `multipartite`, `qpu_native`, `from_rbm`;
 - models: `RBM` (the prior, an nn.Module), `DVAE` (encoder → Bernoulli latents with an RBM
   prior → decoder; pass your own `encoder=` / `decoder=` nn.Modules), `SDEVAE`;
 - training: `qvae.train(cfg, out_dir, model=None)` is the CLI's trainer (checkpoints, metrics,
@@ -37,6 +39,10 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "load_model": ("qvae.checkpoint", "load_model"),
     "get_sampler": ("backends", "get_sampler"),
     "SampleSet": ("backends.base", "SampleSet"),
+    "BoltzmannMachine": ("qvae.boltzmann", "BoltzmannMachine"),
+    "multipartite": ("qvae.boltzmann_graphs", "multipartite"),
+    "qpu_native": ("qvae.boltzmann_graphs", "qpu_native"),
+    "from_rbm": ("qvae.boltzmann_graphs", "from_rbm"),
 }
 
 __all__ = ["RBM", *_LAZY]

@@ -27,7 +27,7 @@ from scipy.optimize import minimize_scalar
 
 import backends
 from backends.base import SampleSet
-from backends.testing import exact_moments, exact_visible_marginal, total_variation
+from qvae.exact_distribution import exact_moments, exact_visible_marginal, total_variation
 from qvae.rbm import RBM
 
 #: Visible layers up to this size get an exact reference and a total-variation distance.

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class Strict(BaseModel):
@@ -96,44 +97,64 @@ class BackendConfig(Strict):
 
     @model_validator(mode="after")
     def _known_backend_and_options(self) -> BackendConfig:
-        from backends.registry import option_names, registered
+        """Names and values checked by the backend's own `Options` model (remote: the client's
+        by its model, the target's by the target's), so a bad value fails here, before any
+        data is loaded, naming its config field."""
+        from backends.options import OptionError
+        from backends.registry import parse_options, registered
 
         if self.name not in registered():
             raise ValueError(f"unknown backend {self.name!r}; choose one of {registered()}")
-        if self.name != "remote":
-            stray = [f"backend.{key}" for key in REMOTE_ONLY if getattr(self, key)]
+        if not is_client(self.name):
+            stray = [f"backend.{key}" for key in CLIENT_FIELDS if getattr(self, key)]
             if stray:
                 raise ValueError(
                     f"{stray} only apply to backend 'remote' (backend.name is {self.name!r}); "
                     "remove them or set backend.name=remote"
                 )
-            _check_names(self.options, option_names(self.name), f"for backend {self.name!r}")
-            return self
-        if self.target is None:
-            raise ValueError(
-                "backend 'remote' needs backend.target, the backend the service samples with: "
-                "e.g. --set backend.target=dwave"
-            )
-        targets = [n for n in registered() if n != "remote"]
-        if self.target not in targets:
-            raise ValueError(f"unknown backend.target {self.target!r}; choose one of {targets}")
-        if self.url is not None and not self.url.startswith(("http://", "https://")):
-            raise ValueError(f"backend.url must start with http:// or https://, got {self.url!r}")
-        _check_names(self.options, option_names(self.target),
-                     f"in backend.options for target {self.target!r}")
-        client = [n for n in option_names("remote") if n not in REMOTE_ONLY + ("options",)]
-        _check_names(self.remote, client, "in backend.remote", noun="key")
+        else:
+            if self.target is None:
+                raise ValueError(
+                    "backend 'remote' needs backend.target, the backend the service samples "
+                    "with: e.g. --set backend.target=dwave"
+                )
+            clash = sorted(set(self.remote) & set(FROM_CONFIG))
+            if clash:
+                raise ValueError(f"unknown key(s) {clash} in backend.remote: set them as "
+                                 f"{[f'backend.{key}' for key in clash]}")
+        name, options = sampler_options(self)
+        try:
+            parse_options(name, options)
+        except OptionError as exc:
+            raise PydanticCustomError("backend_option", "{message}",
+                                      {"message": str(exc), "field": self._field(exc)}) from None
         return self
 
+    def _field(self, exc: Any) -> str:
+        """The config key an `OptionError` of `sampler_options(self)` is about."""
+        option = exc.option
+        if exc.backend != self.name or not is_client(self.name):  # the sampling backend's
+            return "backend.options" + (f".{option}" if option else "")
+        if option in ("url", "target", "options"):
+            return f"backend.{option}"
+        return "backend.remote" + (f".{option}" if option else "")
 
-#: BackendConfig fields that only backend "remote" reads.
-REMOTE_ONLY = ("url", "target", "remote")
+
+#: BackendConfig fields that only a client of a sampler service (backend 'remote') reads.
+CLIENT_FIELDS = ("url", "target", "remote")
+#: The client's options that BackendConfig fills from its own fields, not from backend.remote.
+FROM_CONFIG = ("url", "target", "options")
 
 
-def _check_names(given: dict[str, Any], valid: list[str], where: str, noun: str = "option") -> None:
-    unknown = sorted(set(given) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown {noun}(s) {unknown} {where}; valid {noun}s: {valid}")
+def is_client(name: str) -> bool:
+    """Whether backend `name` samples on another service (`capabilities.resource` network),
+    reading backend.url, backend.target and backend.remote."""
+    from backends.registry import sampler_class
+
+    try:
+        return sampler_class(name).capabilities.resource == "network"
+    except (ImportError, ValueError):  # unknown or unloadable: reported where it is used
+        return False
 
 
 def sampler_options(backend: BackendConfig) -> tuple[str, dict[str, Any]]:
@@ -142,10 +163,10 @@ def sampler_options(backend: BackendConfig) -> tuple[str, dict[str, Any]]:
     >>> sampler_options(BackendConfig(name="gibbs", options={"num_sweeps": 5}))
     ('gibbs', {'num_sweeps': 5})
     """
-    if backend.name != "remote":
+    if not is_client(backend.name):
         return backend.name, dict(backend.options)
-    return "remote", {"url": backend.url, "target": backend.target,
-                      "options": dict(backend.options), **backend.remote}
+    return backend.name, {"url": backend.url, "target": backend.target,
+                          "options": dict(backend.options), **backend.remote}
 
 
 class TrainConfig(Strict):
@@ -268,7 +289,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        # a backend option's error names its own key (backend.options.num_sweeps), found by
+        # the backend's Options model below the section it was raised for
+        where = (e.get("ctx") or {}).get("field") or ".".join(str(p) for p in e["loc"]) \
+            or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -371,7 +395,7 @@ def switched(
 def _sampling_backend(section: dict[str, Any]) -> str:
     """The backend that reads backend.options: the name, or remote's target."""
     name = section.get("name", "gibbs")
-    return section.get("target") or name if name == "remote" else name
+    return section.get("target") or name if is_client(name) else name
 
 
 def switch_backend(raw: dict[str, Any], name: str, overrides: list[str]) -> list[str]:
@@ -399,8 +423,8 @@ def switch_backend(raw: dict[str, Any], name: str, overrides: list[str]) -> list
             f"{before}'s); set {after}'s with --set backend.options.KEY=VALUE "
             f"(`qvae backends` lists them)"
         )
-    if name != "remote":
-        stray = [key for key in REMOTE_ONLY if section.get(key)]
+    if not is_client(name):
+        stray = [key for key in CLIENT_FIELDS if section.get(key)]
         for key in stray:
             section.pop(key)
         if stray:

@@ -20,19 +20,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qvae.networks import ACTIVATIONS as _ACTIVATIONS
-from qvae.networks import apply_mlp, mlp
+from qvae.networks import (
+    ACTIVATIONS,
+    apply_mlp,
+    check_count,
+    check_pixels,
+    check_positive,
+    costs_no_sync,
+    init_output_bias,
+    mlp,
+    run_custom,
+    shape_of,
+)
 from qvae.rbm import RBM, enumerate_states
 from qvae.relax import sample_logistic
 
 MAX_EXACT_LATENT = 20
 #: Bound on model.groups: each group is its own encoder network.
 MAX_GROUPS = 64
-
-
-def _mlp(sizes: Sequence[int], activation: str) -> nn.Sequential:
-    """The plain MLP (kept under this name for qvae.sde)."""
-    return mlp(sizes, activation)
 
 
 def _log_bernoulli(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -44,16 +49,6 @@ def _logistic_noise(shape: tuple[int, ...], like: torch.Tensor, generator: Any) 
     """Logistic(0, 1) noise drawn on the generator's device, returned on `like`'s."""
     device = generator.device if generator is not None else like.device
     return sample_logistic(shape, generator, device=device, dtype=like.dtype).to(like.device)
-
-
-def init_output_bias(decoder: nn.Sequential, pixel_mean: Any, n_pixels: int) -> None:
-    """Start the decoder at the data's pixel means (logit of the clamped mean): a standard trick
-    that saves the first epochs from learning the background."""
-    mean = torch.as_tensor(pixel_mean, dtype=torch.float32).reshape(-1)
-    if mean.numel() != n_pixels or not torch.isfinite(mean).all():
-        raise ValueError(f"pixel_mean must be {n_pixels} finite values")
-    with torch.no_grad():
-        decoder[-1].bias.copy_(torch.logit(mean.clamp(1e-3, 1 - 1e-3)))
 
 
 def _check_input_shape(shape: Sequence[int] | None, n_pixels: int) -> tuple[int, ...] | None:
@@ -70,25 +65,11 @@ def _check_input_shape(shape: Sequence[int] | None, n_pixels: int) -> tuple[int,
     return dims
 
 
-def _shape_of(value: Any) -> str:
-    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
-
-
-def _run_custom(call: Any, name: str, shape: tuple[int, ...], hint: str = "") -> Any:
-    """`call()`, with any error of the user's module turned into one that names the input shape."""
-    try:
-        return call()
-    except Exception as exc:
-        first = " ".join(str(exc).split())[:300]
-        raise ValueError(
-            f"{name} failed on an input of shape {shape}: {type(exc).__name__}: {first}{hint}"
-        ) from exc
-
-
-def _check_count(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
+def _require_log_z(log_z: float | None) -> float:
+    if log_z is None:
+        raise ValueError("the DVAE's bounds subtract log Z of its prior: pass its estimate "
+                         "(qvae.logz.log_partition(model.prior).log_z)")
+    return log_z
 
 
 class DVAE(nn.Module):
@@ -102,19 +83,19 @@ class DVAE(nn.Module):
     n_pixels per example): `encoder=`, `decoder=`. They are checked at construction by one
     batch of two, and a checkpoint cannot rebuild them (see `custom_modules`).
 
+    Implements `qvae.model.LatentVariableModel`: `log_z_prior()` is the RBM prior, whose
+    negative phase training samples and whose log Z evaluation estimates.
+
     >>> import torch
     >>> m = DVAE(n_pixels=8, n_visible=3, n_hidden=2, encoder_hidden=[16], decoder_hidden=[16],
     ...          seed=0)
     >>> x = torch.bernoulli(torch.full((4, 8), 0.5))
     >>> loss, metrics = m.loss(x, torch.zeros(10, 5), tau=0.5)
     >>> loss.backward(); sorted(metrics)[:3]
-    ['bound_minus_logz', 'elbo_surrogate', 'kl_minus_logz']
+    ['bound_minus_logz', 'kl_minus_logz', 'loss']
     >>> m.exact_log_px(x, float(m.prior.log_partition())).shape
     torch.Size([4])
     """
-
-    #: The prior enters through log Z, whose gradient needs samples from a backend.
-    needs_negative_phase = True
 
     def __init__(
         self,
@@ -136,8 +117,8 @@ class DVAE(nn.Module):
         input_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        _check_count(n_pixels, "n_pixels")
-        _check_count(groups, "groups")
+        check_count(n_pixels, "n_pixels")
+        check_count(groups, "groups")
         n_latent = n_visible + n_hidden
         self.input_shape = _check_input_shape(input_shape, n_pixels)
         custom = {name: net for name, net in (("encoder", encoder), ("decoder", decoder))
@@ -160,9 +141,9 @@ class DVAE(nn.Module):
                 f"groups must divide the {n_latent} latent units (n_visible + n_hidden) and be "
                 f"<= {MAX_GROUPS}, got {groups}"
             )
-        if activation not in _ACTIVATIONS:
+        if activation not in ACTIVATIONS:
             raise ValueError(
-                f"unknown activation {activation!r}; use one of {sorted(_ACTIVATIONS)}"
+                f"unknown activation {activation!r}; use one of {sorted(ACTIVATIONS)}"
             )
         enc, dec = [int(s) for s in encoder_hidden], [int(s) for s in decoder_hidden]
         if any(s < 1 for s in enc + dec):
@@ -236,22 +217,22 @@ class DVAE(nn.Module):
                 if "encoder" in self.custom_modules:
                     hint = ("; if it takes images, pass input_shape, e.g. (1, 28, 28)"
                             if self.input_shape is None else "")
-                    out = _run_custom(lambda: self.encoder(self._shaped(x)), "encoder", shown,
-                                      hint)
+                    out = run_custom(lambda: self.encoder(self._shaped(x)), "encoder", shown,
+                                     hint)
                     if tuple(out.shape) != (2, self.n_latent):
                         raise ValueError(
                             f"encoder must map x of shape {shown} to logits of shape "
                             f"(2, {self.n_latent}) (batch, n_visible + n_hidden); it returned "
-                            f"{_shape_of(out)}"
+                            f"{shape_of(out)}"
                         )
                 if "decoder" in self.custom_modules:
-                    out = _run_custom(lambda: self.decoder(z), "decoder", (2, self.n_latent))
+                    out = run_custom(lambda: self.decoder(z), "decoder", (2, self.n_latent))
                     if not isinstance(out, torch.Tensor) or out.dim() < 2 or out.shape[0] != 2 \
                             or out[0].numel() != self.n_pixels:
                         raise ValueError(
                             f"decoder must map z of shape (2, {self.n_latent}) to data logits "
                             f"of shape (2, {self.n_pixels}) (or (2, *input_shape)); it returned "
-                            f"{_shape_of(out)}"
+                            f"{shape_of(out)}"
                         )
         finally:
             self.train(was_training)
@@ -265,16 +246,18 @@ class DVAE(nn.Module):
         return self.encoder(self._shaped(x))
 
     # ------------------------------------------------------------------ checks
-    def _check_x(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 2 or x.shape[1] != self.n_pixels:
-            raise ValueError(f"x must have shape (batch, {self.n_pixels}), got {tuple(x.shape)}")
-        if not torch.isfinite(x).all():
-            raise ValueError("x contains NaN or infinite values")
-        if ((x < 0) | (x > 1)).any():
-            raise ValueError("x must lie in [0, 1] (Bernoulli likelihood)")
-        return x.to(self.prior.weight.dtype)
+    def check_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x (batch, n_pixels) with values in [0, 1], in the model's dtype (the trainer checks
+        its data set once, here, before the first step)."""
+        return check_pixels(x, self.n_pixels, self.prior.weight.dtype)
+
+    def _check_x(self, x: torch.Tensor, values: bool = True) -> torch.Tensor:
+        return check_pixels(x, self.n_pixels, self.prior.weight.dtype, values=values)
+
+    def log_z_prior(self) -> RBM:
+        """The prior: its log Z is in the bound, so training samples it (the negative phase)
+        and evaluation estimates its log Z."""
+        return self.prior
 
     # ------------------------------------------------------------------ pieces
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -305,13 +288,17 @@ class DVAE(nn.Module):
         The noise is drawn group by group, so one group draws exactly what it always did.
         """
         x = self._check_x(x)
-        _check_count(num_samples, "num_samples")
-        if tau is not None and not (
-            isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0
-        ):
-            raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
+        check_count(num_samples, "num_samples")
+        if tau is not None:
+            check_positive(tau, "tau")
+        return self._posterior(x, num_samples, tau, generator)
+
+    def _posterior(
+        self, x: torch.Tensor, num_samples: int, tau: float | None, generator: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`posterior` for a checked x, count and tau."""
         draw = self._hard_sample if tau is None else (
-            lambda lg, s, g: self.relaxed_sample(lg, tau, s, g))
+            lambda lg, s, g: self._relaxed_sample(lg, tau, s, g))
         if self.groups == 1:
             logits = self._encoder_logits(x)
             return logits, draw(logits, num_samples, generator)
@@ -333,9 +320,13 @@ class DVAE(nn.Module):
         self, logits: torch.Tensor, tau: float, num_samples: int = 1, generator: Any = None
     ) -> torch.Tensor:
         """ζ = σ((α + L)/τ) with L ~ Logistic(0, 1), shape (S, B, n_latent)."""
-        if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
-            raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
-        _check_count(num_samples, "num_samples")
+        check_positive(tau, "tau")
+        check_count(num_samples, "num_samples")
+        return self._relaxed_sample(logits, tau, num_samples, generator)
+
+    def _relaxed_sample(
+        self, logits: torch.Tensor, tau: float, num_samples: int, generator: Any
+    ) -> torch.Tensor:
         noise = _logistic_noise((num_samples, *logits.shape), logits, generator)
         return torch.sigmoid((logits + noise) / tau)
 
@@ -362,42 +353,46 @@ class DVAE(nn.Module):
     def loss(
         self, x: torch.Tensor, negative: torch.Tensor, *, tau: float, kl_weight: float = 1.0,
         num_samples: int = 1, generator: Any = None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Scalar loss (batch mean) whose gradient is -∇L̃, and metrics.
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scalar loss (batch mean) whose gradient is -∇L̃, and metrics (0-dim tensors, detached:
+        `float(metrics["loss"])` reads one; the trainer reads them only for the rows it logs).
 
         `negative` (M, n_latent): prior samples (e.g. `SampleSet.states`), detached here; the
         term -kl_weight·mean_j E(z_j) has gradient kl_weight·∇log Z. With num_samples K > 1 the
         bound is the importance-weighted log mean_k exp(w_k), w_k = log p(x|ζ_k) -
         kl_weight·(E(ζ_k) + log q̃(ζ_k|x)); kl_weight = 1 gives the proper IW bound, other values
         a tempered one (and K = 1 reduces to the usual KL-weighted bound).
-        Metrics: loss, bound_minus_logz (L̃ + log Z at kl_weight; alias elbo_surrogate), recon,
+        Metrics: loss, bound_minus_logz (L̃ + log Z at kl_weight), recon,
         kl_minus_logz (E[E(ζ) + log q̃]), positive_energy (E[E(ζ)]), negative_energy.
+
+        Shapes and the scalar arguments are always checked; the values of x and `negative`
+        (finite, x in [0, 1]) only where that costs no device sync, i.e. for CPU tensors: on an
+        accelerator, check your data once with `check_input` (the trainer does, at its start).
         """
-        x = self._check_x(x)
+        values = costs_no_sync(x) if isinstance(x, torch.Tensor) else True
+        x = self._check_x(x, values=values)
         if not isinstance(negative, torch.Tensor):
             raise TypeError(f"negative must be a torch.Tensor, got {type(negative).__name__}")
         if negative.dim() != 2 or negative.shape[1] != self.n_latent or negative.shape[0] < 1:
             raise ValueError(
                 f"negative must have shape (M >= 1, {self.n_latent}), got {tuple(negative.shape)}"
             )
-        if not torch.isfinite(negative).all():
+        if values and not torch.isfinite(negative).all():
             raise ValueError("negative samples contain NaN or infinite values")
         if not (isinstance(kl_weight, (int, float)) and math.isfinite(kl_weight)) or kl_weight < 0:
             raise ValueError(f"kl_weight must be a finite number >= 0, got {kl_weight!r}")
-        logits, zeta = self.posterior(x, num_samples, tau=tau, generator=generator)
+        check_count(num_samples, "num_samples")
+        logits, zeta = self._posterior(x, num_samples, check_positive(tau, "tau"), generator)
         log_px, energy, log_q = self._log_weights(x, logits, zeta)
         kl = energy + log_q
         weights = log_px - kl_weight * kl  # (K, B)
         bound = torch.logsumexp(weights, 0) - math.log(num_samples)
         neg_energy = self.prior_energy(negative.detach().to(x.dtype)).mean()
         loss = -bound.mean() - kl_weight * neg_energy
-        bound_value = float(bound.detach().mean())
         metrics = {
-            "loss": float(loss.detach()), "bound_minus_logz": bound_value,
-            "elbo_surrogate": bound_value, "recon": float(log_px.detach().mean()),
-            "kl_minus_logz": float(kl.detach().mean()),
-            "positive_energy": float(energy.detach().mean()),
-            "negative_energy": float(neg_energy.detach()),
+            "loss": loss.detach(), "bound_minus_logz": bound.detach().mean(),
+            "recon": log_px.detach().mean(), "kl_minus_logz": kl.detach().mean(),
+            "positive_energy": energy.detach().mean(), "negative_energy": neg_energy.detach(),
         }
         return loss, metrics
 
@@ -407,8 +402,10 @@ class DVAE(nn.Module):
         self, x: torch.Tensor, log_z: float, num_samples: int = 1, generator: Any = None
     ) -> torch.Tensor:
         """E_q[log p(x|z) - E(z) - log q(z|x)] - log Z with hard z ~ q(z|x), shape (B,)."""
+        x = self._check_x(x)
+        check_count(num_samples, "num_samples")
         with self._evaluating():
-            logits, z = self.posterior(x, num_samples, generator=generator)
+            logits, z = self._posterior(x, num_samples, None, generator)
             log_px, energy, log_q = self._log_weights(x, logits, z)
         return (log_px - energy - log_q).mean(0) - float(log_z)
 
@@ -421,17 +418,30 @@ class DVAE(nn.Module):
 
         The K samples are drawn `batch_chunk` at a time to bound memory."""
         x = self._check_x(x)
-        _check_count(num_samples, "num_samples")
-        _check_count(batch_chunk, "batch_chunk")
+        check_count(num_samples, "num_samples")
+        check_count(batch_chunk, "batch_chunk")
         parts = []
         with self._evaluating():
             for start in range(0, num_samples, batch_chunk):
-                logits, z = self.posterior(x, min(batch_chunk, num_samples - start),
-                                           generator=generator)
+                logits, z = self._posterior(x, min(batch_chunk, num_samples - start), None,
+                                            generator)
                 log_px, energy, log_q = self._log_weights(x, logits, z)
                 parts.append(torch.logsumexp((log_px - energy - log_q).double(), 0))
         total = torch.logsumexp(torch.stack(parts), 0)
         return (total - math.log(num_samples) - float(log_z)).to(x.dtype)
+
+    def evaluation_elbo(
+        self, x: torch.Tensor, log_z: float | None, *, num_samples: int = 1,
+        generator: Any = None,
+    ) -> torch.Tensor:
+        """`discrete_elbo` (qvae.model.LatentVariableModel's evaluation ELBO)."""
+        return self.discrete_elbo(x, _require_log_z(log_z), num_samples, generator)
+
+    def evaluation_iw_bound(
+        self, x: torch.Tensor, log_z: float | None, *, num_samples: int, generator: Any = None,
+    ) -> torch.Tensor:
+        """`iw_bound` (qvae.model.LatentVariableModel's importance-weighted bound)."""
+        return self.iw_bound(x, _require_log_z(log_z), num_samples=num_samples, generator=generator)
 
     @torch.no_grad()
     def exact_log_px(self, x: torch.Tensor, log_z: float, chunk: int = 4096) -> torch.Tensor:

@@ -1,9 +1,11 @@
-"""Test-set evaluation: discrete ELBO and the importance-weighted NLL with log Z.
+"""Test-set evaluation: the ELBO and the importance-weighted NLL, with log Z where there is one.
 
 NLL(x) ≈ −log (1/K) Σ_k p(x|z_k) exp(−E(z_k)) / (Z q(z_k|x)), z_k ~ q(z|x), with log Z exact when
 the smaller RBM layer has at most `eval.exact_limit_units` units and AIS otherwise — the protocol
 of the published binarized-MNIST tables. The uncertainty of log Z shifts every example's NLL by
 the same amount, so it is reported separately from the sampling error over examples.
+Any `qvae.model.LatentVariableModel` is evaluated the same way: the model names the prior whose
+log Z its bounds contain (`log_z_prior()`, None for a bound without one, as the SDE-VAE's).
 """
 
 from __future__ import annotations
@@ -20,29 +22,34 @@ from qvae.atomic import write_bytes_atomic
 from qvae.callable_module import make_callable
 from qvae.config import Config
 from qvae.datasets import load_dataset
-from qvae.dvae import DVAE
 from qvae.logz import ais_log_partition, exact_log_partition, log_partition
+from qvae.model import LatentVariableModel, check_model
+from qvae.rbm import RBM
+
+#: The log-Z method reported for a bound without a partition function.
+NO_LOG_Z = "none (path measure, no log Z)"
 
 
-def estimate_log_z(model: DVAE, cfg: Config, *, progress: bool = False) -> dict[str, Any]:
+def estimate_log_z(prior: RBM, cfg: Config, *, progress: bool = False) -> dict[str, Any]:
+    """log Z of `prior` by cfg.eval.logz (exact, ais, or auto by cfg.eval.exact_limit_units)."""
     e = cfg.eval
     ais = {"num_betas": e.ais_betas, "num_runs": e.ais_runs, "seed": cfg.seed,
            "progress": progress}
     if e.logz == "exact":
-        value = exact_log_partition(model.prior)
+        value = exact_log_partition(prior)
         return {"log_z": value, "log_z_std": 0.0, "method": "exact"}
     if e.logz == "ais":
-        res = ais_log_partition(model.prior, **ais)
+        res = ais_log_partition(prior, **ais)
         return {"log_z": res.log_z, "log_z_std": res.log_z_std, "method": "ais",
                 "ais_num_betas": res.num_betas, "ais_num_runs": res.num_runs,
                 "ais_effective_sample_size": res.effective_sample_size}
-    est = log_partition(model.prior, exact_limit_units=e.exact_limit_units, **ais)
+    est = log_partition(prior, exact_limit_units=e.exact_limit_units, **ais)
     return {"log_z": est.log_z, "log_z_std": est.log_z_std, "method": est.method}
 
 
 @torch.no_grad()
 def validation_nll(
-    model: DVAE, cfg: Config, data: torch.Tensor, seed: int
+    model: LatentVariableModel, cfg: Config, data: torch.Tensor, seed: int
 ) -> dict[str, Any]:
     """The cheap NLL estimate used to select checkpoints during training.
 
@@ -56,9 +63,10 @@ def validation_nll(
     start = time.perf_counter()
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
-    log_z, log_z_std, method = 0.0, 0.0, "none (path measure, no log Z)"
-    if model.needs_negative_phase:
-        est = log_partition(model.prior, exact_limit_units=cfg.eval.exact_limit_units,
+    log_z, log_z_std, method = None, 0.0, NO_LOG_Z
+    prior = model.log_z_prior()
+    if prior is not None:
+        est = log_partition(prior, exact_limit_units=cfg.eval.exact_limit_units,
                             num_betas=t.validate_ais_betas, num_runs=t.validate_ais_runs,
                             seed=seed)
         log_z, log_z_std, method = est.log_z, est.log_z_std, est.method
@@ -66,30 +74,28 @@ def validation_nll(
     try:
         for i in range(0, len(data), cfg.data.eval_batch_size):
             x = data[i : i + cfg.data.eval_batch_size].to(device)
-            if model.needs_negative_phase:
-                iws.append(model.iw_bound(x, log_z, num_samples=t.validate_num_iw,
-                                          generator=gen).double().cpu())
-            else:
-                iws.append(model.iw_bound(x, num_samples=t.validate_num_iw,
-                                          generator=gen).double().cpu())
+            iws.append(model.evaluation_iw_bound(x, log_z, num_samples=t.validate_num_iw,
+                                                 generator=gen).double().cpu())
     finally:
         model.train(was_training)
     iw = torch.cat(iws)
     return {"nll": float(-iw.mean()),
             "nll_stderr_examples": float(iw.std() / math.sqrt(len(iw))) if len(iw) > 1 else 0.0,
-            "log_z": log_z, "log_z_std": log_z_std, "log_z_method": method,
+            "log_z": 0.0 if log_z is None else log_z, "log_z_std": log_z_std,
+            "log_z_method": method,
             "num_examples": len(iw), "num_iw": t.validate_num_iw,
             "seconds": time.perf_counter() - start}
 
 
 @torch.no_grad()
 def evaluate_model(
-    model: DVAE, cfg: Config, out_path: str | Path | None = None, *, progress: bool = True,
-    extra: dict[str, Any] | None = None,
+    model: LatentVariableModel, cfg: Config, out_path: str | Path | None = None, *,
+    progress: bool = True, extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate on `cfg.eval.split`; write JSON to `out_path` when given; return the dict."""
     from tqdm.auto import tqdm
 
+    check_model(model)
     model.eval()
     check_finite_parameters(model)
     start = time.perf_counter()
@@ -98,24 +104,16 @@ def evaluate_model(
         data = data[: cfg.eval.max_examples]
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 12345)
-    if model.needs_negative_phase:
-        logz = estimate_log_z(model, cfg, progress=progress)
-        log_z = logz["log_z"]
-
-        def bounds(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return (model.discrete_elbo(x, log_z, num_samples=1, generator=gen),
-                    model.iw_bound(x, log_z, num_samples=cfg.eval.num_iw, generator=gen))
-    else:  # SDE-VAE: a path-measure bound of the discretised model, no partition function
-        logz = {"log_z": None, "log_z_std": 0.0, "method": "none (path measure, no log Z)"}
-
-        def bounds(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return (model.elbo(x, num_samples=1, generator=gen),
-                    model.iw_bound(x, num_samples=cfg.eval.num_iw, generator=gen))
-
+    prior = model.log_z_prior()
+    logz = ({"log_z": None, "log_z_std": 0.0, "method": NO_LOG_Z} if prior is None
+            else estimate_log_z(prior, cfg, progress=progress))
+    log_z = logz["log_z"]
     elbos, iws = [], []
     bs = cfg.data.eval_batch_size
     for i in tqdm(range(0, len(data), bs), disable=not progress, desc="evaluate", unit="batch"):
-        elbo_b, iw_b = bounds(data[i : i + bs].to(device))
+        x = data[i : i + bs].to(device)
+        elbo_b = model.evaluation_elbo(x, log_z, num_samples=1, generator=gen)
+        iw_b = model.evaluation_iw_bound(x, log_z, num_samples=cfg.eval.num_iw, generator=gen)
         elbos.append(elbo_b.cpu())
         iws.append(iw_b.cpu())
     elbo, iw = torch.cat(elbos).double(), torch.cat(iws).double()

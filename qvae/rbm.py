@@ -129,15 +129,24 @@ class RBM(nn.Module):
         return x.to(self.weight.dtype)
 
     # --------------------------------------------------------------- energies
+    @staticmethod
+    def _energy(v: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
+                visible_bias: torch.Tensor, hidden_bias: torch.Tensor) -> torch.Tensor:
+        # The one formula of E(v, h): `energy` and `sample_energy` (the backends') use it.
+        return -(v @ visible_bias) - (h @ hidden_bias) - ((v @ weight) * h).sum(-1)
+
     def energy(self, v: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """E(v, h) = -b·v - c·h - vᵀWh, shape (B,)."""
         v = self._check_layer(v, self.n_visible, "v")
         h = self._check_layer(h, self.n_hidden, "h")
-        return (
-            -(v @ self.visible_bias)
-            - (h @ self.hidden_bias)
-            - ((v @ self.effective_weight()) * h).sum(-1)
-        )
+        return self._energy(v, h, self.effective_weight(), self.visible_bias, self.hidden_bias)
+
+    def sample_energy(self, visible: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """E(v, h) of a sampler's states, detached, in the states' dtype and on their device
+        (a `SampleSet`'s energies: `backends.base.energies`)."""
+        w, b, c = (p.detach().to(visible.device, visible.dtype)
+                   for p in (self.effective_weight(), self.visible_bias, self.hidden_bias))
+        return self._energy(visible, hidden, w, b, c)
 
     def free_energy(self, v: torch.Tensor) -> torch.Tensor:
         """F(v) = -b·v - Σ_j softplus(c_j + (vW)_j), shape (B,)."""
@@ -263,13 +272,3 @@ class RBM(nn.Module):
     def extra_repr(self) -> str:
         sparse = "" if self.mask is None else f", mask density={float(self.mask.mean()):.3f}"
         return f"n_visible={self.n_visible}, n_hidden={self.n_hidden}{sparse}"
-
-
-def spin_to_binary(s: torch.Tensor) -> torch.Tensor:
-    """s ∈ {-1, +1} → z ∈ {0, 1}."""
-    return (s + 1) / 2
-
-
-def binary_to_spin(z: torch.Tensor) -> torch.Tensor:
-    """z ∈ {0, 1} → s ∈ {-1, +1}."""
-    return 2 * z - 1

@@ -13,7 +13,7 @@ import torch  # noqa: E402
 
 from backends.base import Sampler, SampleSet  # noqa: E402
 from qvae.config import Config  # noqa: E402
-from qvae.dvae import DVAE  # noqa: E402
+from qvae.model import LatentVariableModel  # noqa: E402
 
 
 def plot_training_curve(metrics_file: Path, out: Path) -> Path | None:
@@ -95,13 +95,15 @@ def save_image_grid(
 
 
 @torch.no_grad()
-def decode(model: torch.nn.Module, out: SampleSet) -> torch.Tensor:
+def decode(model: LatentVariableModel, out: SampleSet) -> torch.Tensor:
     """Pixel probabilities for binary prior samples z = [v, h] (the DVAE decodes all of z; the
     SDE-VAE, whose latent is the visible layer, keeps v: one-step generation)."""
     return model.generate(out.states.to(next(model.parameters()).device))
 
 
-def decoded_prior_samples(model: DVAE, sampler: Sampler, n: int, seed: int) -> torch.Tensor:
+def decoded_prior_samples(
+    model: LatentVariableModel, sampler: Sampler, n: int, seed: int
+) -> torch.Tensor:
     return decode(model, sampler.sample(model.prior, n, seed=seed))
 
 
@@ -136,7 +138,9 @@ def plot_mean_scatter(result: dict, out: Path) -> Path:
     return out
 
 
-def write_training_report(model: DVAE, sampler: Sampler, cfg: Config, out_dir: Path) -> dict:
+def write_training_report(
+    model: LatentVariableModel, sampler: Sampler, cfg: Config, out_dir: Path
+) -> dict:
     files = {}
     curve = plot_training_curve(out_dir / "metrics.jsonl", out_dir / "training_curve.png")
     if curve is not None:

@@ -29,7 +29,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from qvae import relax
-from qvae.dvae import _ACTIVATIONS, _check_count, _mlp, _run_custom, _shape_of, init_output_bias
+from qvae.networks import (
+    ACTIVATIONS,
+    check_count,
+    check_pixels,
+    check_positive,
+    costs_no_sync,
+    init_output_bias,
+    mlp,
+    run_custom,
+    shape_of,
+)
 from qvae.rbm import RBM
 
 VectorField = Callable[[torch.Tensor, float], torch.Tensor]
@@ -73,7 +83,7 @@ def euler_maruyama(
     >>> out.path.shape, float(out.path_kl[0])   # ½·‖(1, 1)‖²·T = 1.0
     (torch.Size([5, 5, 2]), 1.0)
     """
-    _check_count(num_steps, "num_steps")
+    check_count(num_steps, "num_steps")
     if not (math.isfinite(dt) and dt > 0):
         raise ValueError(f"dt must be a finite number > 0, got {dt!r}")
     u, path, controls, noise_dot = u0, [u0], [], u0.new_zeros(u0.shape[:-1])
@@ -106,7 +116,8 @@ class SDEVAE(nn.Module):
     `tau` (constructor) is the model's relaxation temperature, used by `elbo`, `iw_bound` and
     `sample_prior_path` when no tau is passed; `loss` takes tau per call like DVAE, so the
     trainer's schedule applies (evaluate at the final training tau). The control net's output
-    layer starts at zero: initially the posterior path has the prior's drift.
+    layer starts at zero: initially the posterior path has the prior's drift. Implements
+    `qvae.model.LatentVariableModel` (no log Z: `log_z_prior()` is None).
 
     >>> m = SDEVAE(n_pixels=6, n_visible=3, n_hidden=2, encoder_hidden=[8], decoder_hidden=[8],
     ...            control_hidden=[8], num_steps=4, seed=0)
@@ -115,8 +126,6 @@ class SDEVAE(nn.Module):
     >>> m.elbo(x).shape, m.sample_prior_path(7).shape, m.generate(torch.ones(2, 3)).shape
     (torch.Size([4]), torch.Size([7, 3]), torch.Size([2, 6]))
     """
-
-    needs_negative_phase = False
 
     def __init__(
         self, n_pixels: int = 784, n_visible: int = 100, n_hidden: int = 100,
@@ -137,10 +146,10 @@ class SDEVAE(nn.Module):
                 "pixel_mean initialises the output bias of the built-in MLP decoder; with your "
                 "own decoder, initialise it yourself and leave pixel_mean out"
             )
-        _check_count(n_pixels, "n_pixels")
-        _check_count(num_steps, "num_steps")
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; use {sorted(_ACTIVATIONS)}")
+        check_count(n_pixels, "n_pixels")
+        check_count(num_steps, "num_steps")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; use {sorted(ACTIVATIONS)}")
         if not (isinstance(horizon, (int, float)) and math.isfinite(horizon) and horizon > 0):
             raise ValueError(f"horizon must be a finite number > 0, got {horizon!r}")
         hidden = (encoder_hidden, decoder_hidden, control_hidden)
@@ -151,7 +160,7 @@ class SDEVAE(nn.Module):
         self.encoder_hidden, self.decoder_hidden, self.control_hidden = enc, dec, ctl
         self.rbm_init_std, self.num_steps, self.horizon = float(rbm_init_std), num_steps, horizon
         self.tau = self._check_tau(tau)
-        act = _ACTIVATIONS[activation]
+        act = ACTIVATIONS[activation]
         #: Class paths of the networks passed in (a checkpoint holds their weights, never code).
         self.custom_modules = {name: f"{type(net).__module__}.{type(net).__qualname__}"
                                for name, net in custom.items()}
@@ -164,16 +173,16 @@ class SDEVAE(nn.Module):
             if "encoder" in custom:
                 self.encoder: nn.Module = custom["encoder"]  # h(x), any feature width
             else:
-                trunk = _mlp([n_pixels, *enc], activation) if enc else nn.Identity()
+                trunk = mlp([n_pixels, *enc], activation) if enc else nn.Identity()
                 self.encoder = nn.Sequential(trunk, act()) if enc else trunk  # h(x)
             self.initial_head = nn.Linear(feat, 2 * n_visible)  # (m, s) of q_0(u_0|x)
             # κ(u, t, x) = MLP([u, t/T, h(x)]), its first layer split so h(x) is mapped once
             self.control_state = nn.Linear(n_visible + 1, width)
             self.control_feature = nn.Linear(feat, width, bias=False)
-            self.control_out = nn.Sequential(act(), _mlp([*ctl, n_visible], activation)) if ctl \
+            self.control_out = nn.Sequential(act(), mlp([*ctl, n_visible], activation)) if ctl \
                 else nn.Identity()
             self.decoder = (custom["decoder"] if "decoder" in custom
-                            else _mlp([n_visible, *dec, n_pixels], activation))
+                            else mlp([n_visible, *dec, n_pixels], activation))
         if "decoder" in custom:
             self._check_decoder(n_visible, n_pixels)
         last = self.control_out[-1][-1] if ctl else self.control_state
@@ -208,14 +217,14 @@ class SDEVAE(nn.Module):
         encoder.eval()
         try:
             with torch.no_grad():
-                out = _run_custom(lambda: encoder(torch.zeros(2, n_pixels)), "encoder",
-                                  (2, n_pixels))
+                out = run_custom(lambda: encoder(torch.zeros(2, n_pixels)), "encoder",
+                                 (2, n_pixels))
         finally:
             encoder.train(was_training)
         if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
             raise ValueError(
                 f"encoder must map x of shape (2, {n_pixels}) to features of shape (2, F) "
-                f"(any F; the SDE-VAE's heads read them); it returned {_shape_of(out)}"
+                f"(any F; the SDE-VAE's heads read them); it returned {shape_of(out)}"
             )
         return int(out.shape[1])
 
@@ -225,36 +234,40 @@ class SDEVAE(nn.Module):
         self.decoder.eval()
         try:
             with torch.no_grad():
-                out = _run_custom(lambda: self.decoder(torch.zeros(2, n_visible)), "decoder",
-                                  (2, n_visible))
+                out = run_custom(lambda: self.decoder(torch.zeros(2, n_visible)), "decoder",
+                                 (2, n_visible))
         finally:
             self.decoder.train(was_training)
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, n_pixels):
             raise ValueError(
                 f"decoder must map v of shape (2, {n_visible}) to pixel logits of shape "
-                f"(2, {n_pixels}); it returned {_shape_of(out)}"
+                f"(2, {n_pixels}); it returned {shape_of(out)}"
             )
 
     @staticmethod
     def _check_tau(tau: Any) -> float:
-        ok = isinstance(tau, (int, float)) and not isinstance(tau, bool)
-        if not (ok and math.isfinite(tau) and tau > 0):
-            raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
-        return float(tau)
+        return check_positive(tau, "tau")
 
-    def _check_x(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 2 or x.shape[1] != self.n_pixels:
-            raise ValueError(f"x must have shape (batch, {self.n_pixels}), got {tuple(x.shape)}")
-        if not torch.isfinite(x).all() or ((x < 0) | (x > 1)).any():
-            raise ValueError("x must be finite and lie in [0, 1] (Bernoulli likelihood)")
-        return x.to(self.prior.weight.dtype)
+    def check_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x (batch, n_pixels) with values in [0, 1], in the model's dtype (the trainer checks
+        its data set once, here, before the first step)."""
+        return check_pixels(x, self.n_pixels, self.prior.weight.dtype)
+
+    def _check_x(self, x: torch.Tensor, values: bool = True) -> torch.Tensor:
+        return check_pixels(x, self.n_pixels, self.prior.weight.dtype, values=values)
+
+    def log_z_prior(self) -> None:
+        """None: the path-measure bound has no log Z, so training draws no negative phase and
+        evaluation estimates no log Z."""
+        return None
 
     # ------------------------------------------------------------------ pieces
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loc, log_scale) of q_0(u_0|x), each (B, nv), and the feature h(x) for κ."""
-        h = self.encoder(self._check_x(x))
+        return self._encode(self._check_x(x))
+
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = self.encoder(x)
         loc, log_scale = self.initial_head(h).chunk(2, dim=-1)
         return loc, log_scale, h
 
@@ -268,10 +281,9 @@ class SDEVAE(nn.Module):
         return self.control_out(self.control_state(torch.cat([u, tt], -1)) + feature_map)
 
     def _paths(self, x: torch.Tensor, tau: float, num_samples: int, generator: Any):
-        """Posterior paths: (log p(x|u_N), KL_0 estimate, log q_0 − log p_0, SDEPath, v_N)."""
-        tau, x = self._check_tau(tau), self._check_x(x)
-        _check_count(num_samples, "num_samples")
-        loc, log_scale, h = self.encode(x)
+        """Posterior paths: (log p(x|u_N), KL_0 estimate, log q_0 − log p_0, SDEPath, v_N), for
+        a checked x, tau and num_samples."""
+        loc, log_scale, h = self._encode(x)
         logistic = _noise("logistic", (num_samples, *loc.shape), loc, generator)
         u0 = loc + torch.exp(log_scale) * logistic
         log_p0 = relax.log_logistic(u0).sum(-1)
@@ -289,19 +301,24 @@ class SDEVAE(nn.Module):
     def loss(
         self, x: torch.Tensor, negative: Any = None, *, tau: float, kl_weight: float = 1.0,
         num_samples: int = 1, generator: Any = None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Scalar loss −bound (batch mean) and metrics; `negative` is accepted and ignored.
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scalar loss −bound (batch mean) and metrics (0-dim tensors, detached); `negative` is
+        accepted and ignored.
 
-        The path KL needs no log Z, so there is no negative phase (`needs_negative_phase` is
-        False); the RBM parameters learn pathwise through the drift ∇log π_τ. K = num_samples
+        The path KL needs no log Z, so there is no negative phase (`log_z_prior()` is None);
+        the RBM parameters learn pathwise through the drift ∇log π_τ. K = num_samples
         = 1: bound = log p(x|u_N) − w·(KL_0 + Σ½‖κ‖²Δt) (w = kl_weight); K > 1: the
         importance-weighted log mean_k exp(log p(x|u_N) − w·log dQ/dP). Metrics: loss,
         bound_minus_logz (the bound at w), elbo (the w = 1 ELBO estimate), recon,
         kl_minus_logz (= kl_initial + kl_path), kl_initial, kl_path, positive_energy
         (E_Q F(σ(u_N/τ))), negative_energy (NaN: nothing is sampled from the prior).
+        The values of x are checked as in `DVAE.loss`: for CPU tensors only (no device sync).
         """
         if not (isinstance(kl_weight, (int, float)) and math.isfinite(kl_weight)) or kl_weight < 0:
             raise ValueError(f"kl_weight must be a finite number >= 0, got {kl_weight!r}")
+        values = costs_no_sync(x) if isinstance(x, torch.Tensor) else True
+        x, tau = self._check_x(x, values=values), self._check_tau(tau)
+        check_count(num_samples, "num_samples")
         recon, kl0, log_r0, sde, v = self._paths(x, tau, num_samples, generator)
         if num_samples == 1:
             bound = (recon - kl_weight * (kl0 + sde.path_kl))[0]
@@ -309,15 +326,17 @@ class SDEVAE(nn.Module):
             w = recon - kl_weight * (log_r0 + sde.log_ratio)
             bound = torch.logsumexp(w, 0) - math.log(num_samples)
         loss = -bound.mean()
-        kl_i, kl_p = float(kl0.detach().mean()), float(sde.path_kl.detach().mean())
-        rec = float(recon.detach().mean())
+        kl_i, kl_p = kl0.detach().mean(), sde.path_kl.detach().mean()
+        rec = recon.detach().mean()
         with torch.no_grad():
             energy = -relax.neg_free_energy(self.prior, v.reshape(-1, self.n_visible))
+        # Sums in float64: the values Python's float arithmetic gave when these were floats.
+        rec64, kl_i64, kl_p64 = rec.double(), kl_i.double(), kl_p.double()
         metrics = {
-            "loss": float(loss.detach()), "bound_minus_logz": float(bound.detach().mean()),
-            "elbo": rec - kl_i - kl_p, "recon": rec, "kl_minus_logz": kl_i + kl_p,
-            "kl_initial": kl_i, "kl_path": kl_p, "positive_energy": float(energy.mean()),
-            "negative_energy": float("nan"),
+            "loss": loss.detach(), "bound_minus_logz": bound.detach().mean(),
+            "elbo": rec64 - kl_i64 - kl_p64, "recon": rec, "kl_minus_logz": kl_i64 + kl_p64,
+            "kl_initial": kl_i, "kl_path": kl_p, "positive_energy": energy.mean(),
+            "negative_energy": rec.new_full((), float("nan")),
         }
         return loss, metrics
 
@@ -328,7 +347,9 @@ class SDEVAE(nn.Module):
         tau: float | None = None,
     ) -> torch.Tensor:
         """ELBO estimate (mean over num_samples paths) per example, shape (B,); ≤ log p_N(x)."""
-        tau = self.tau if tau is None else tau
+        tau = self._check_tau(self.tau if tau is None else tau)
+        x = self._check_x(x)
+        check_count(num_samples, "num_samples")
         recon, kl0, _, sde, _ = self._paths(x, tau, num_samples, generator)
         return (recon - kl0 - sde.path_kl).mean(0)
 
@@ -338,9 +359,10 @@ class SDEVAE(nn.Module):
         generator: Any = None, tau: float | None = None,
     ) -> torch.Tensor:
         """log (1/K) Σ_k p(x|u_N^k) dP/dQ(path_k), shape (B,): → log p_N(x) as K grows."""
-        tau = self.tau if tau is None else tau
-        _check_count(num_samples, "num_samples")
-        _check_count(batch_chunk, "batch_chunk")
+        tau = self._check_tau(self.tau if tau is None else tau)
+        x = self._check_x(x)
+        check_count(num_samples, "num_samples")
+        check_count(batch_chunk, "batch_chunk")
         parts = []
         for start in range(0, num_samples, batch_chunk):
             k = min(batch_chunk, num_samples - start)
@@ -349,6 +371,19 @@ class SDEVAE(nn.Module):
         total = torch.logsumexp(torch.stack(parts), 0) - math.log(num_samples)
         return total.to(self.prior.weight.dtype)
 
+    def evaluation_elbo(
+        self, x: torch.Tensor, log_z: float | None, *, num_samples: int = 1,
+        generator: Any = None,
+    ) -> torch.Tensor:
+        """`elbo` at the model's tau (`log_z` is None: the bound has no log Z)."""
+        return self.elbo(x, num_samples, generator)
+
+    def evaluation_iw_bound(
+        self, x: torch.Tensor, log_z: float | None, *, num_samples: int, generator: Any = None,
+    ) -> torch.Tensor:
+        """`iw_bound` at the model's tau (`log_z` is None: the bound has no log Z)."""
+        return self.iw_bound(x, num_samples=num_samples, generator=generator)
+
     @torch.no_grad()
     def sample_prior_path(
         self, n: int, generator: Any = None, tau: float | None = None
@@ -356,7 +391,7 @@ class SDEVAE(nn.Module):
         """u_N of n discretised prior chains from u_0 ~ Π Logistic(0, 1), shape (n, nv)."""
         tau = self._check_tau(self.tau if tau is None else tau)
         like = self.prior.weight
-        u0 = _noise("logistic", (_check_count(n, "n"), self.n_visible), like, generator)
+        u0 = _noise("logistic", (check_count(n, "n"), self.n_visible), like, generator)
 
         def drift(u: torch.Tensor, t: float) -> torch.Tensor:
             return rbm_drift(self.prior, u, tau)

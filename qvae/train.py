@@ -1,7 +1,9 @@
-"""The training loop for the DVAE with an RBM prior. Read it top to bottom.
+"""The training loop for a latent-variable model with an RBM prior. Read it top to bottom.
 
-One step: a minibatch, one call to the backend for the prior's negative phase, the relaxed bound,
-Adam. Every random draw is seeded from (seed, rank, step), so an interrupted run resumed from its
+It trains any `qvae.model.LatentVariableModel` (the DVAE, the SDE-VAE, a model of your own) the
+same way, asking the model rather than its kind. One step: a minibatch, one call to the backend
+for the negative phase of the prior whose log Z is in the model's bound (if any), the bound, Adam.
+Every random draw is seeded from (seed, rank, step), so an interrupted run resumed from its
 checkpoint continues exactly as the uninterrupted run would have.
 Multi-process: launch with `torchrun --nproc_per_node N -m qvae train ...`; each rank draws its own
 negative samples and its own slice of every batch, and DistributedDataParallel averages gradients.
@@ -31,6 +33,7 @@ from qvae.callable_module import make_callable
 from qvae.config import Config, sampler_options
 from qvae.datasets import load_dataset
 from qvae.dvae import DVAE
+from qvae.model import LatentVariableModel, check_metrics, metrics_to_floats, mismatch
 from qvae.networks import l2_penalty
 from qvae.sde import SDEVAE
 
@@ -98,11 +101,12 @@ def init_distributed(device: str) -> Dist:
 class LossModule(nn.Module):
     """Routes the bound through forward() so DistributedDataParallel can sync gradients."""
 
-    def __init__(self, model: DVAE) -> None:
+    def __init__(self, model: LatentVariableModel) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, negative: torch.Tensor | None, **kw: Any):
+    def forward(self, x: torch.Tensor, negative: torch.Tensor | None, **kw: Any
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.model.loss(x, negative, **kw)
 
 
@@ -122,7 +126,7 @@ def batch_at(data: torch.Tensor, cfg: Config, step: int, ctx: Dist) -> torch.Ten
 
 def build_model(
     cfg: Config, pixel_mean: torch.Tensor | None = None, mask: torch.Tensor | None = None
-) -> DVAE | SDEVAE:
+) -> LatentVariableModel:
     m = cfg.model
     common = dict(
         n_pixels=int(pixel_mean.numel()) if pixel_mean is not None else 784,
@@ -145,15 +149,20 @@ def build_model(
 
 def check_given_model(
     model: Any, cfg: Config, data: torch.Tensor, mask: torch.Tensor | None
-) -> DVAE | SDEVAE:
-    """A model passed to train(): the kind, prior shape, data width and connectivity that the
-    config, the data and the backend imply; a ValueError naming the mismatch and the fix."""
+) -> LatentVariableModel:
+    """A model passed to train(): a qvae model of the config's kind or a model of your own
+    (an nn.Module implementing qvae.model.LatentVariableModel), with the prior shape, data
+    width and connectivity that the config, the data and the backend imply; a ValueError
+    naming the mismatch and the fix."""
     kinds = {"dvae": DVAE, "sde": SDEVAE}
-    if not isinstance(model, kinds[cfg.model.kind]):
+    wanted = kinds[cfg.model.kind]
+    reason = mismatch(model)
+    if reason is not None or (isinstance(model, (DVAE, SDEVAE)) and not isinstance(model, wanted)):
+        why = f" ({reason})" if reason is not None else ""
         raise ValueError(
-            f"model must be a qvae {kinds[cfg.model.kind].__name__} for model.kind="
-            f"{cfg.model.kind} (pass your networks as DVAE(..., encoder=..., decoder=...)), got "
-            f"{type(model).__name__}"
+            f"model must be a qvae {wanted.__name__} for model.kind={cfg.model.kind} (pass your "
+            "networks as DVAE(..., encoder=..., decoder=...)) or a torch.nn.Module of your own "
+            f"implementing qvae.model.LatentVariableModel, got {type(model).__name__}{why}"
         )
     prior = model.prior
     if (prior.n_visible, prior.n_hidden) != (cfg.model.n_visible, cfg.model.n_hidden):
@@ -249,15 +258,18 @@ def train(
     *,
     resume: bool = False,
     progress: bool = True,
-    callback: Callable[[int, dict[str, float]], None] | None = None,
-    model: DVAE | SDEVAE | None = None,
+    callback: Callable[[int, dict[str, Any]], None] | None = None,
+    model: LatentVariableModel | None = None,
 ) -> TrainResult:
     """Train `cfg` into `out_dir` (checkpoint, metrics.jsonl, plots, eval.json).
 
-    `callback(step, metrics)` runs after every step (tests use it to interrupt a run).
-    `model`: train this model (e.g. a DVAE with your own encoder and decoder) instead of the one
-    `cfg.model` describes; its prior must have cfg.model's n_visible and n_hidden and it must
-    fit the data (checked before the first step). To resume, pass the same architecture again.
+    `callback(step, row)` runs after every step (tests use it to interrupt a run); `row` is
+    the step's metrics row, its model metrics Python floats on logged steps (train.log_every)
+    and 0-dim tensors on the others (reading one, float(v), is a device sync on an accelerator).
+    `model`: train this model (e.g. a DVAE with your own encoder and decoder, or any nn.Module
+    implementing qvae.model.LatentVariableModel) instead of the one `cfg.model` describes; its
+    prior must have cfg.model's n_visible and n_hidden and it must fit the data (checked
+    before the first step). To resume, pass the same architecture again.
     Runs with `cfg.threads` torch threads (unset: qvae.threads' choice for a training step of
     this size), restoring the caller's setting afterwards.
     """
@@ -274,8 +286,8 @@ def _train(
     *,
     resume: bool,
     progress: bool,
-    callback: Callable[[int, dict[str, float]], None] | None,
-    given: DVAE | SDEVAE | None = None,
+    callback: Callable[[int, dict[str, Any]], None] | None,
+    given: LatentVariableModel | None = None,
 ) -> TrainResult:
     out_dir = Path(out_dir)
     ctx = init_distributed(cfg.device)
@@ -290,6 +302,12 @@ def _train(
         model = build_model(cfg, pixel_mean=data.mean(0), mask=mask).to(device)
     else:
         model = check_given_model(given, cfg, data, mask).to(device)
+    # The data's values are checked once, here: the per-step loss checks only shapes (reading a
+    # value back is a device sync on an accelerator).
+    try:
+        data = model.check_input(data)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"data.dataset {cfg.data.dataset}, 'train' split: {exc}") from None
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, eps=cfg.train.adam_eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
     start, train_seconds = 0, 0.0
@@ -342,7 +360,7 @@ def _train(
                 {
                     "config": cfg.model_dump(mode="json"),
                     "model_args": model.config_dict(),
-                    "custom_modules": dict(getattr(model, "custom_modules", {})),
+                    "custom_modules": custom_modules(model),
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
@@ -380,17 +398,20 @@ def _train(
             tau, kl_w = tau_at(cfg, step), kl_weight_at(cfg, step)
             gen.manual_seed(step_seed(cfg.seed, ctx.rank, step))
 
-            # The one place the backend enters training: the prior's negative phase.
-            # (The SDE-VAE's path-KL needs no log Z, so it has no negative phase.)
+            # The one place the backend enters training: the negative phase of the prior whose
+            # log Z the model's bound contains (none for a bound without log Z: the SDE-VAE's).
             negative, info = None, {}
-            if model.needs_negative_phase:
-                neg = sampler.sample(model.prior, cfg.backend.num_samples,
+            log_z_prior = model.log_z_prior()
+            if log_z_prior is not None:
+                neg = sampler.sample(log_z_prior, cfg.backend.num_samples,
                                      seed=step_seed(cfg.seed + 1, ctx.rank, step))
                 negative, info = neg.states.to(device), neg.info
                 counters.count(info)
 
             loss, metrics = net(x, negative, tau=tau, kl_weight=kl_w,
                                 num_samples=cfg.train.num_iw, generator=gen)
+            if step == start:
+                check_metrics(metrics, model)
             if cfg.train.weight_decay > 0:
                 loss = loss + cfg.train.weight_decay * l2_penalty(model)
             optimizer.zero_grad(set_to_none=True)
@@ -417,6 +438,11 @@ def _train(
 
             step_s = time.perf_counter() - t0
             train_seconds += step_s
+            log_now = step % cfg.train.log_every == 0 or step == cfg.train.steps
+            # The model's metrics stay tensors except where they are read, in one transfer: a
+            # logged row, and the progress bar of every step on a terminal.
+            if ctx.main and (log_now or on_tty):
+                metrics = metrics_to_floats(metrics)
             row = {"step": step, "tau": tau, "kl_weight": kl_w,
                    "lr": optimizer.param_groups[0]["lr"], "step_s": step_s,
                    "train_seconds": train_seconds, "threads": torch.get_num_threads(),
@@ -424,23 +450,24 @@ def _train(
                    "fallbacks": counters.fallbacks, **metrics, **backend_scalars(info),
                    **{f"served_by/{k}": v for k, v in counters.served_by.items()}}
             if ctx.main:
-                log_now = step % cfg.train.log_every == 0 or step == cfg.train.steps
-                if "elbo" in metrics:  # models without log Z report their ELBO directly
+                if "elbo" in metrics:  # a model whose bound has no log Z may report its ELBO
                     row["elbo_relaxed"] = metrics["elbo"]
-                elif log_now and min(cfg.model.n_visible, cfg.model.n_hidden) <= CHEAP_LOGZ_UNITS:
-                    row["log_z"] = float(model.prior.log_partition())
+                elif log_now and log_z_prior is not None and min(
+                        log_z_prior.n_visible, log_z_prior.n_hidden) <= CHEAP_LOGZ_UNITS:
+                    row["log_z"] = float(log_z_prior.log_partition())
                     row["elbo_relaxed"] = metrics["bound_minus_logz"] - row["log_z"]
                 if log_now and curve_batch is not None:
                     row.update(curve_point(model, curve_batch, tau, cfg.seed, step,
                                            row.get("log_z")))
                 # One bound, every step, under one name (see BAR_BOUND).
                 label, key = BAR_BOUND["elbo" if "elbo" in metrics else "bound_minus_logz"]
-                shown = {label: f"{metrics[key]:.1f}"}
-                if counters.fallbacks:
-                    shown["fallbacks"] = str(counters.fallbacks)
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.1f}", **shown,
-                                sampler=f"{counters.sampler_s_total:.0f}s", refresh=False)
+                if on_tty:
+                    shown = {label: f"{metrics[key]:.1f}"}
+                    if counters.fallbacks:
+                        shown["fallbacks"] = str(counters.fallbacks)
+                    bar.set_postfix(loss=f"{metrics['loss']:.1f}", **shown,
+                                    sampler=f"{counters.sampler_s_total:.0f}s", refresh=False)
                 if log_now and not on_tty:
                     print(plain_line(row, cfg.train.steps, label, key), file=sys.stderr,
                           flush=True)
@@ -526,7 +553,8 @@ def _curve_batch(
 
 @torch.no_grad()
 def curve_point(
-    model: nn.Module, x: torch.Tensor, tau: float, seed: int, step: int, log_z: float | None
+    model: LatentVariableModel, x: torch.Tensor, tau: float, seed: int, step: int,
+    log_z: float | None,
 ) -> dict[str, float]:
     """The training bound (K = 1, full KL weight, the step's τ) on the fixed validation batch:
     `valid_bound_minus_logz`, and `valid_elbo_relaxed` when the row has an exact log Z. Seeded
@@ -536,17 +564,28 @@ def curve_point(
     try:
         gen = torch.Generator(device=x.device).manual_seed(step_seed(seed + 3, 0, step))
         # The negative phase only enters the loss, not the bound: any one state will do.
-        width = getattr(model, "n_latent", 1)  # the SDE-VAE ignores it
-        negative = torch.zeros(1, width, device=x.device, dtype=x.dtype)
+        prior = model.log_z_prior()
+        negative = (None if prior is None
+                    else torch.zeros(1, prior.n_units, device=x.device, dtype=x.dtype))
         _, m = model.loss(x, negative, tau=tau, kl_weight=1.0, num_samples=1, generator=gen)
     finally:
         model.train(was_training)
+    m = metrics_to_floats(m)
     point = {"valid_bound_minus_logz": m["bound_minus_logz"]}
     if "elbo" in m:
         point["valid_elbo_relaxed"] = m["elbo"]
     elif log_z is not None:
         point["valid_elbo_relaxed"] = m["bound_minus_logz"] - log_z
     return point
+
+
+def custom_modules(model: LatentVariableModel) -> dict[str, str]:
+    """What a checkpoint of `model` cannot rebuild, by class path: the caller's own networks
+    inside a qvae model, or the whole model when its class is not qvae's (load_model refuses
+    such a run with what to do instead)."""
+    if isinstance(model, (DVAE, SDEVAE)):
+        return dict(model.custom_modules)
+    return {"model": f"{type(model).__module__}.{type(model).__qualname__}"}
 
 
 def plain_line(row: dict[str, Any], total: int, label: str, key: str) -> str:
@@ -613,7 +652,9 @@ def _check_writable(out_dir: Path) -> None:
         )
 
 
-def validate(model: nn.Module, cfg: Config, data: torch.Tensor, step: int) -> dict[str, Any]:
+def validate(
+    model: LatentVariableModel, cfg: Config, data: torch.Tensor, step: int
+) -> dict[str, Any]:
     """One validation row at `step`: the cheap NLL (qvae.evaluate.validation_nll), seeded by
     the step so that a resumed run draws exactly what the uninterrupted one did."""
     from qvae.evaluate import validation_nll

@@ -229,7 +229,7 @@ def test_outputs_and_info():
         out = sampler.sample(rbm, 50, seed=0)
         u = out.info["u"]
         assert torch.equal(out.visible, (u > 0).to(out.visible.dtype))
-        assert torch.allclose(out.continuous, torch.sigmoid(u / sampler.tau))
+        assert torch.allclose(out.continuous, torch.sigmoid(u / sampler.options.tau))
         assert {"tau", "step_size", "num_steps"} <= set(out.info)
     out = backends.get_sampler("mala", burn_in=20, num_steps=5).sample(rbm, 50, seed=0)
     assert 0 < out.info["acceptance"] <= 1 and 0 < out.info["burn_in_acceptance"] <= 1

@@ -26,7 +26,8 @@ import backends
 from backends.base import ProblemShape, Sampler
 from backends.bqm import NotBipartite, bipartition, sample_bqm
 from backends.dwave import QPUBudgetExceeded
-from backends.registry import option_names, sampler_class
+from backends.options import OptionError
+from backends.registry import option_names, parse_options, sampler_class
 from qvae.rbm import RBM
 from qvae.service.accounts import Keys, Ledger, Reservation
 from qvae.service.guard import Guard
@@ -50,7 +51,7 @@ from qvae.service.schemas import (
     SampleRequest,
     SampleResult,
 )
-from qvae.service.settings import QPU_BACKENDS, KeyConfig, ServiceConfig
+from qvae.service.settings import KeyConfig, ServiceConfig
 from qvae.service.store import SQLiteStore, Store, StoreError, key_account
 
 #: The service limit each quantity of a backend's work model is held to (`Sampler.work`).
@@ -87,11 +88,8 @@ class Service:
         self.store.release_dead()  # holds of a crashed predecessor would block budgets forever
         if config.ledger_path is not None:
             self._import_ledger(config.ledger_path)
+        # checked (> 0) by dwave's Options model when the service config was loaded
         server_budget = config.policy("dwave").options.get("qpu_time_budget_s")
-        if server_budget is not None and not (isinstance(server_budget, (int, float))
-                                              and server_budget > 0):
-            raise ValueError(f"backends.dwave.options.qpu_time_budget_s must be a number > 0 "
-                             f"(QPU seconds for the whole service), got {server_budget!r}")
         self.ledger = Ledger(self.store, server_budget)
         self.result_lock = threading.Lock()
         self.result_pending = 0  # bytes of results of admitted jobs not yet stored (bounds)
@@ -161,18 +159,20 @@ class Service:
             raise ServiceError(401, "unknown API key", {"WWW-Authenticate": "Bearer"})
         return key
 
-    def sampler(self, backend: str, options: dict[str, Any]) -> tuple[Sampler, threading.Lock]:
+    def sampler(self, backend: str, options: Any) -> tuple[Sampler, threading.Lock]:
         """A fresh sampler (CPU backends: requests stay independent and reproducible), or the
-        shared warm one for QPU backends, whose embedding and β_eff every caller reuses."""
+        shared warm one for QPU backends, whose embedding and β_eff every caller reuses.
+        `options` are the request's, already parsed by the backend's Options model."""
+        cls = sampler_class(backend)
+        options = dict(options)  # the parsed values, as the constructor's keywords
         try:
-            if backend not in QPU_BACKENDS:
-                return backends.get_sampler(backend, **options), threading.Lock()
+            if cls.capabilities.resource != "qpu":
+                return cls(**options), threading.Lock()
             options = {k: v for k, v in options.items() if k not in SERVICE_BUDGET_OPTIONS}
             ident = json.dumps(options, sort_keys=True, default=str)
             with self.shared_lock:
                 if ident not in self.shared:
-                    self.shared[ident] = (backends.get_sampler(backend, **options),
-                                          threading.Lock())
+                    self.shared[ident] = (cls(**options), threading.Lock())
                     while len(self.shared) > SHARED_SAMPLERS:
                         self.shared.popitem(last=False)
                 self.shared.move_to_end(ident)
@@ -208,21 +208,22 @@ class Service:
             raise ServiceError(403, f"option(s) {locked} of backend {req.backend!r} are fixed by "
                                "the service and may not be set by clients")
         budgeted = sorted(set(req.options) & set(SERVICE_BUDGET_OPTIONS))
-        if req.backend in QPU_BACKENDS and budgeted:
+        qpu = sampler_class(req.backend).capabilities.resource == "qpu"
+        if qpu and budgeted:
             raise ServiceError(403, f"option(s) {budgeted} of backend {req.backend!r} belong to "
                                "the service: its QPU budgets are the keys' qpu_budget_s and the "
                                "service's qpu_time_budget_s")
-        valid = option_names(req.backend)
-        for name in req.options:
-            if name not in valid:
-                raise field_error(["options", name], f"unknown option {name!r} for backend "
-                                  f"{req.backend!r}; valid options: {valid}")
+        try:  # names and values, once, by the backend's Options model (no import, no I/O)
+            options = parse_options(req.backend, {**policy.options, **req.options})
+        except OptionError as exc:
+            name = exc.option or (exc.unknown[0] if len(exc.unknown) == 1 else None)
+            raise field_error(["options", name] if name else ["options"], str(exc)) from None
         if req.backend == "dimod":  # `sampler` names code to import: only the allowlist's
-            path = {**policy.options, **req.options}.get("sampler")
+            path = options.sampler
             if path not in cfg.dimod_samplers:
                 raise ServiceError(403, f"sampler {path!r} of backend 'dimod' is not in this "
                                    f"service's dimod_samplers allowlist {cfg.dimod_samplers}")
-        sampler, lock = self.sampler(req.backend, {**policy.options, **req.options})
+        sampler, lock = self.sampler(req.backend, options)
         if req.rbm is not None:
             problem: Any = build_rbm(req.rbm)
         else:
@@ -230,13 +231,12 @@ class Service:
             try:
                 bipartition(problem)
             except NotBipartite as exc:
-                if not hasattr(sampler, "sample_general_bqm"):
+                if not sampler.capabilities.general_bqm:
                     raise field_error(["bqm"], f"{exc}; backend {req.backend!r} samples RBMs "
                                       "only, use 'neal' or 'exact' for a general BQM") from None
-        self.check_work(req.backend, {**policy.options, **req.options}, problem,
-                        req.num_samples)
+        self.check_work(req.backend, options, problem, req.num_samples)
         reservation: Reservation | None = None
-        if req.backend in QPU_BACKENDS:
+        if qpu:
             # the request's whole QPU cost (calibration, read splits, spin-reversal transforms,
             # annealing_time) is held atomically against the key's and the service's budgets
             estimate = sampler.estimate_qpu_seconds(req.num_samples)  # type: ignore[attr-defined]
@@ -279,10 +279,10 @@ class Service:
         work.reservation = reservation  # type: ignore[attr-defined]  # released by admit()
         return work, inline
 
-    def check_work(self, backend: str, options: dict[str, Any], problem: Any,
+    def check_work(self, backend: str, options: Any, problem: Any,
                    num_samples: int) -> None:
         """413 when the backend's work model prices the request over a limit, naming the
-        options that drive it, their values and the limit (options already validated)."""
+        options that drive it, their values and the limit (`options` already parsed)."""
         if isinstance(problem, RBM):
             shape = ProblemShape(problem.n_visible, problem.n_hidden,
                                  problem.n_visible * problem.n_hidden)
@@ -316,7 +316,9 @@ class Service:
             if known is not None:
                 return known
         work, inline = self.plan(req, key)
-        resource = "qpu" if req.backend in QPU_BACKENDS else "cpu"
+        # the one shared QPU, or the CPU workers (a servable backend runs in this process)
+        qpu = sampler_class(req.backend).capabilities.resource == "qpu"
+        resource = "qpu" if qpu else "cpu"
         reservation: Reservation | None = getattr(work, "reservation", None)
         held = 0
 
@@ -343,8 +345,9 @@ class Service:
             ok, why = status[name]
             cls = sampler_class(name)
             out[name] = BackendInfo(available=ok, reason=why, allowed=key.may_use(name),
-                                    binary=cls.binary,
-                                    resource="qpu" if name in QPU_BACKENDS else "cpu",
+                                    binary=cls.capabilities.binary,
+                                    resource=cls.capabilities.resource,
+                                    general_bqm=cls.capabilities.general_bqm,
                                     options=option_names(name),
                                     locked_options=self.config.policy(name).locked)
         return BackendList(backends=out)

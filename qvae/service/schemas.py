@@ -83,7 +83,10 @@ class BackendInfo(BaseModel):
     reason: str
     allowed: bool = Field(..., description="this key may use it")
     binary: bool
-    resource: Literal["qpu", "cpu"]
+    resource: Literal["qpu", "cpu", "network"] = Field(
+        ..., description="what a call consumes (the backend's declared capabilities): qpu: the "
+        "one shared annealer, served one request at a time; cpu: this service's workers")
+    general_bqm: bool = Field(False, description="it also samples BQMs that are not RBMs")
     options: list[str]
     locked_options: list[str]
 

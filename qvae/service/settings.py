@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from qvae.config import ConfigError, Strict, format_errors
 
 ENV_KEYS = "QVAE_API_KEYS"
 MIN_KEY_LENGTH = 8
-QPU_BACKENDS = ("dwave",)  # backends that share the one QPU: served one request at a time
 
 
 class KeyConfig(Strict):
@@ -126,16 +126,23 @@ class ServiceConfig(Strict):
     @field_validator("backends")
     @classmethod
     def _known_backends(cls, policies: dict[str, BackendPolicy]) -> dict[str, BackendPolicy]:
-        from backends.registry import option_names, registered
+        """Each policy's options checked by its backend's `Options` model (names and values)."""
+        from backends.options import OptionError
+        from backends.registry import option_names, parse_options, servable
 
         for name, policy in policies.items():
-            if name not in registered() or name == "remote":
-                raise ValueError(f"unknown backend {name!r}; choose from "
-                                 f"{[n for n in registered() if n != 'remote']}")
-            bad = sorted((set(policy.options) | set(policy.locked)) - set(option_names(name)))
+            if name not in servable():
+                raise ValueError(f"unknown backend {name!r}; choose from {servable()}")
+            bad = sorted(set(policy.locked) - set(option_names(name)))
             if bad:
-                raise ValueError(f"backends.{name}: unknown option(s) {bad}; valid: "
+                raise ValueError(f"backends.{name}.locked: unknown option(s) {bad}; valid: "
                                  f"{option_names(name)}")
+            try:
+                parse_options(name, policy.options)
+            except OptionError as exc:
+                field = f"backends.{name}.options" + (f".{exc.option}" if exc.option else "")
+                raise PydanticCustomError("backend_option", "{message}",
+                                          {"message": str(exc), "field": field}) from None
         return policies
 
     @field_validator("jobs_dir")
@@ -166,9 +173,9 @@ class ServiceConfig(Strict):
         return self.backends.get(backend, BackendPolicy())
 
     def served_backends(self) -> list[str]:
-        from backends.registry import registered
+        from backends.registry import servable
 
-        return [n for n in registered() if n != "remote" and self.policy(n).enabled
+        return [n for n in servable() if self.policy(n).enabled
                 and (n != "dimod" or self.dimod_samplers)]
 
     def all_keys(self) -> list[KeyConfig]:
