@@ -12,13 +12,16 @@ import inspect
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import dimod
 import torch
 
 from backends.options import BackendOptions, Capabilities, parse_options
+from qvae.boltzmann import BoltzmannMachine
+from qvae.boltzmann_graphs import to_rbm
+from qvae.conditioning import Conditioned, check_clamp, condition
 from qvae.rbm import RBM
 
 TIMING_KEYS = ("preprocess_s", "sample_s", "postprocess_s", "total_s")
@@ -28,27 +31,69 @@ TIMING_KEYS = ("preprocess_s", "sample_s", "postprocess_s", "total_s")
 MAX_STATE_BYTES = 16 * 2**30
 
 
-@dataclass
 class SampleSet:
-    """Samples of an RBM's units, their energies under that RBM, and backend facts.
+    """Samples of a prior's units, their energies under that prior, and backend facts.
 
-    `visible` (N, n_visible) and `hidden` (N, n_hidden) are {0,1} float tensors; `energy` (N,)
-    holds E(v, h). Continuous backends also set `continuous` (the unrounded state).
+    `states` (N, n_units) holds z: [v, h] for an `RBM`, the `variables` order for a
+    `BoltzmannMachine`; `energy` (N,) holds E(z). For an RBM `visible` (N, n_visible) and
+    `hidden` (N, n_hidden) are its layers; a BoltzmannMachine's samples have no layers (use
+    `states`). {0,1} float tensors. Continuous backends also set `continuous` (the unrounded
+    state, laid out like `states` for a BM and like [v, h] for an RBM).
+
+    >>> s = SampleSet.of_states(torch.tensor([[1., 0., 1.]]), torch.tensor([-1.]))
+    >>> s.states.shape, len(s)
+    (torch.Size([1, 3]), 1)
     """
 
-    visible: torch.Tensor
-    hidden: torch.Tensor
-    energy: torch.Tensor
-    info: dict[str, Any] = field(default_factory=dict)
-    continuous: torch.Tensor | None = None
+    def __init__(self, visible: torch.Tensor, hidden: torch.Tensor, energy: torch.Tensor,
+                 info: dict[str, Any] | None = None,
+                 continuous: torch.Tensor | None = None) -> None:
+        self._visible, self._hidden, self._states = visible, hidden, None
+        self.energy, self.continuous = energy, continuous
+        self.info: dict[str, Any] = {} if info is None else info
 
-    def __len__(self) -> int:
-        return self.visible.shape[0]
+    @classmethod
+    def of_states(cls, states: torch.Tensor, energy: torch.Tensor,
+                  info: dict[str, Any] | None = None,
+                  continuous: torch.Tensor | None = None) -> SampleSet:
+        """Samples of a model without layers (a `BoltzmannMachine`)."""
+        out = cls(states[:, :0], states[:, :0], energy, info, continuous)
+        out._visible = out._hidden = None
+        out._states = states
+        return out
+
+    @property
+    def layered(self) -> bool:
+        """True for an RBM's samples (`visible` and `hidden` exist)."""
+        return self._states is None
+
+    @property
+    def visible(self) -> torch.Tensor:
+        if self._visible is None:
+            raise AttributeError("a BoltzmannMachine's samples have no visible layer; use "
+                                 ".states (z in the model's `variables` order)")
+        return self._visible
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        if self._hidden is None:
+            raise AttributeError("a BoltzmannMachine's samples have no hidden layer; use "
+                                 ".states (z in the model's `variables` order)")
+        return self._hidden
 
     @property
     def states(self) -> torch.Tensor:
-        """z = [v, h], shape (N, n_visible + n_hidden)."""
-        return torch.cat([self.visible, self.hidden], dim=1)
+        """z, shape (N, n_units): [v, h] for an RBM, `variables` order for a BM."""
+        if self._states is not None:
+            return self._states
+        return torch.cat([self._visible, self._hidden], dim=1)
+
+    def __len__(self) -> int:
+        return self.energy.shape[0]
+
+    def __repr__(self) -> str:
+        return (f"SampleSet({len(self)} samples of {self.states.shape[1]} units, "
+                f"backend={self.info.get('backend')!r})")
 
 
 @dataclass(frozen=True)
@@ -144,6 +189,15 @@ def check_rbm(rbm: Any) -> RBM:
     return rbm
 
 
+def check_model(model: Any) -> RBM | BoltzmannMachine:
+    """An RBM or a BoltzmannMachine with finite parameters (TypeError/ValueError otherwise)."""
+    if not isinstance(model, (RBM, BoltzmannMachine)):
+        raise TypeError(f"expected a qvae.RBM or a qvae.BoltzmannMachine, got "
+                        f"{type(model).__name__}")
+    model.validate()
+    return model
+
+
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
     """A torch.Generator seeded with `seed`, or from fresh entropy when seed is None."""
     gen = torch.Generator(device=device)
@@ -221,25 +275,102 @@ class Sampler(abc.ABC):
         """(usable here?, why not). Backends that need hardware or credentials override it."""
         return True, ""
 
-    def sample(self, rbm: RBM, num_samples: int | None = None, *,
-               seed: int | None = None) -> SampleSet:
-        """Draw `num_samples` states of `rbm` (required; its default only lets a dimod BQM,
-        passed dimod-style as `sample(bqm)`, get a pointer to `backends.as_dimod`). The same
-        seed gives the same samples from a fresh sampler built with the same options."""
-        if isinstance(rbm, dimod.BinaryQuadraticModel):  # the Ocean way in is a dimod.Sampler
+    def sample(self, model: RBM | BoltzmannMachine, num_samples: int | None = None, *,
+               seed: int | None = None, clamp: Mapping[int, int] | None = None) -> SampleSet:
+        """Draw `num_samples` states of `model`, an `RBM` or a `BoltzmannMachine`
+        (`num_samples` is required; its default only lets a dimod BQM, passed dimod-style as
+        `sample(bqm)`, get a pointer to `backends.as_dimod`). The same seed gives the same
+        samples from a fresh sampler built with the same options.
+
+        `clamp` maps unit index (in z = [v, h] for an RBM, in `variables` order for a
+        BoltzmannMachine) to 0 or 1: the samples are then exact samples of the conditional
+        given those units, which hold their values in every sample (see `qvae.conditioning`).
+        """
+        if isinstance(model, dimod.BinaryQuadraticModel):  # the Ocean way in is a dimod.Sampler
             raise TypeError(
-                f"{type(self).__name__}.sample takes a qvae.RBM; for a dimod BQM use "
-                f"backends.as_dimod({self.name!r}, **options).sample(bqm, num_reads=N, seed=S), "
-                "a dimod.Sampler that returns a dimod.SampleSet")
-        check_rbm(rbm)
+                f"{type(self).__name__}.sample takes a qvae.RBM or BoltzmannMachine; for a "
+                f"dimod BQM use backends.as_dimod({self.name!r}, **options).sample(bqm, "
+                "num_reads=N, seed=S), a dimod.Sampler that returns a dimod.SampleSet")
+        check_model(model)
         check_num_samples(num_samples)
         check_seed(seed)
+        clamp = check_clamp(clamp, model.n_units)
         timer = Timer()
         with timer("total"), torch.no_grad():
-            out = self._sample(rbm, num_samples, seed=seed, timer=timer)
+            if clamp:
+                out = self._sample_clamped(model, num_samples, clamp, seed=seed, timer=timer)
+            else:
+                out = self._sample_model(model, num_samples, seed=seed, timer=timer)
         out.info["timing"] = dict(timer.seconds)
         out.info.setdefault("backend", self.name)
         return out
+
+    def _sample_model(self, model: RBM | BoltzmannMachine, num_samples: int, *,
+                      seed: int | None, timer: Timer) -> SampleSet:
+        if isinstance(model, RBM):
+            return self._sample(model, num_samples, seed=seed, timer=timer)
+        return self._sample_bm(model, num_samples, seed=seed, timer=timer)
+
+    def _sample_bm(self, bm: BoltzmannMachine, num_samples: int, *, seed: int | None,
+                   timer: Timer) -> SampleSet:
+        """A BoltzmannMachine's samples. By default: a model without couplings exactly, a
+        two-colour (bipartite) one as an RBM through `_sample`, any other through
+        `sample_general_bqm` when the backend has it. Backends with a kernel for any graph
+        (gibbs, dwave) override this."""
+        if bm.n_edges == 0:
+            p = torch.sigmoid(bm.bias.detach().double()).expand(num_samples, -1)
+            states = torch.bernoulli(p, generator=make_generator(seed)).to(bm.bias.dtype)
+            return SampleSet.of_states(states, bm.sample_energy(states), {"independent": True})
+        form = to_rbm(bm)
+        if form is not None:
+            rbm, order = form
+            out = self._sample(rbm, num_samples, seed=seed, timer=timer)
+            states = torch.empty_like(out.states)
+            states[:, order.to(states.device)] = out.states
+            continuous = None  # kept when it covers every unit (langevin's covers v only)
+            if out.continuous is not None and out.continuous.shape == out.states.shape:
+                continuous = torch.empty_like(out.continuous)
+                continuous[:, order.to(continuous.device)] = out.continuous
+            return SampleSet.of_states(states, bm.sample_energy(states), out.info, continuous)
+        if self.capabilities.general_bqm:
+            general = self.sample_general_bqm(bm.to_bqm(), num_samples, seed=seed)
+            labels = {v: k for k, v in enumerate(general.variables)}
+            column = [labels[v] for v in bm.variables]
+            states = torch.as_tensor(general.samples[:, column]).to(bm.bias.dtype)
+            states = states.to(bm.bias.device)
+            info = {k: v for k, v in general.info.items() if k != "timing"}
+            return SampleSet.of_states(states, bm.sample_energy(states), info)
+        raise NotImplementedError(
+            f"backend {self.name!r} does not sample a Boltzmann machine with "
+            f"{len(bm.colour_classes)} colour classes (it samples RBMs and bipartite models); "
+            "use 'gibbs', 'neal', 'exact' or 'dwave' for this model")
+
+    def _sample_clamped(self, model: RBM | BoltzmannMachine, num_samples: int,
+                        clamp: dict[int, int], *, seed: int | None,
+                        timer: Timer) -> SampleSet:
+        """Exact conditional samples: the free units' model (clamped units folded into their
+        neighbours' biases) sampled as an ordinary model, the clamped values written back."""
+        with timer("preprocess"):
+            cond: Conditioned = condition(model, clamp)
+        if cond.model is None:  # no coupling left among the free units: independent
+            free = cond.sample_independent(num_samples, make_generator(seed))
+            info: dict[str, Any] = {"independent": True}
+            continuous = None
+        else:
+            inner = self._sample_model(cond.model, num_samples, seed=seed, timer=timer)
+            free, info, continuous = inner.states, inner.info, inner.continuous
+        with timer("postprocess"):
+            states = cond.assemble(free)
+            if continuous is not None and continuous.shape == free.shape:
+                continuous = cond.assemble(continuous)
+            else:
+                continuous = None
+            info["clamped"] = len(clamp)
+            if isinstance(model, RBM):
+                nv = model.n_visible
+                v, h = states[:, :nv], states[:, nv:]
+                return SampleSet(v, h, energies(model, v, h), info, continuous)
+            return SampleSet.of_states(states, model.sample_energy(states), info, continuous)
 
     def sample_general_bqm(self, bqm: dimod.BinaryQuadraticModel, num_samples: int, *,
                            seed: int | None = None) -> dimod.SampleSet:

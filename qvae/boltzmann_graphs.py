@@ -252,3 +252,33 @@ def _bfs_choice(
         f"qubits_per_partition={per_part} but the partitions have only "
         f"{[sum(1 for q in nodes if part[q] == p) for p in range(k)]} qubits"
     )
+
+
+@torch.no_grad()
+def to_rbm(bm: BoltzmannMachine) -> tuple[RBM, torch.Tensor] | None:
+    """A two-colour (bipartite) model as an RBM: (rbm, order), where the RBM's z = [v, h] holds
+    the model's units `order` (colour class 0 visible, class 1 hidden; couplings the graph lacks
+    masked out). None for a model with more (or fewer) than two colour classes."""
+    classes = bm.colour_classes
+    if len(classes) != 2:
+        return None
+    v, h = classes
+    n, device, dtype = bm.n_units, bm.bias.device, bm.bias.dtype
+    pos = torch.full((n,), -1, dtype=torch.long)
+    pos[v] = torch.arange(v.numel())
+    pos[h] = torch.arange(h.numel())
+    in_v = torch.zeros(n, dtype=torch.bool)
+    in_v[v] = True
+    i, j = bm.edges[:, 0].cpu(), bm.edges[:, 1].cpu()
+    vi = torch.where(in_v[i], i, j)  # the visible end of each edge
+    hj = torch.where(in_v[i], j, i)
+    weight = torch.zeros(v.numel(), h.numel(), dtype=dtype)
+    weight[pos[vi], pos[hj]] = bm.coupling.detach().cpu()
+    allowed = torch.zeros_like(weight)
+    allowed[pos[vi], pos[hj]] = 1
+    mask = None if bool(allowed.all()) else allowed
+    rbm = RBM(int(v.numel()), int(h.numel()), mask=mask, dtype=dtype)
+    rbm.weight.copy_(weight)
+    rbm.visible_bias.copy_(bm.bias.detach().cpu()[v])
+    rbm.hidden_bias.copy_(bm.bias.detach().cpu()[h])
+    return rbm.to(device), torch.cat([v, h])
