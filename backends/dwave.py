@@ -137,6 +137,17 @@ class DWaveOptions(BackendOptions):
         "chain flips, exact with chains) or 'simulated_annealing' (dwave-samplers at fixed β; "
         "exact in native mode only)")
 
+    @field_validator("fallback_options")
+    @classmethod
+    def _fallback_options_fit_neal(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        # checked by neal's own model now, so a bad fallback fails at construction, not at the
+        # first QPU outage mid-run
+        if value is not None:
+            from backends.neal import NealSampler
+
+            NealSampler.parse_options(value)
+        return value
+
     @field_validator("solver", mode="before")
     @classmethod
     def _solver_kind(cls, value: Any) -> Any:

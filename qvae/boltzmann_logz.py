@@ -25,7 +25,6 @@ True
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 
@@ -35,7 +34,7 @@ from tqdm.auto import tqdm
 
 from qvae import cancel
 from qvae.boltzmann import BoltzmannMachine, coupled_field
-from qvae.logz import SINGLE_THREAD_MAX_WORK, AISResult, LogZEstimate, make_betas
+from qvae.logz import SINGLE_THREAD_MAX_WORK, AISResult, LogZEstimate, ais_result, make_betas
 from qvae.threads import torch_threads
 
 
@@ -103,38 +102,11 @@ def ais_log_partition(
             if k % 256 == 0:
                 cancel.check()  # a service's wall-time limit or shutdown stops it here
     bar.close()
-    return _result(log_w.cpu(), log_z_base, len(betas), num_runs, start_time)
+    return ais_result(log_w.cpu(), log_z_base, len(betas), num_runs, start_time)
 
 
 def _draw(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (torch.rand(p.shape, generator=gen, device=p.device, dtype=p.dtype) < p).to(p.dtype)
-
-
-def _result(
-    log_w: torch.Tensor, log_z_base: float, num_betas: int, num_runs: int, start_time: float
-) -> AISResult:
-    """The summary `qvae.logz.ais_log_partition` reports, from the per-run log weights."""
-    log_z = float(torch.logsumexp(log_w, 0) - math.log(log_w.numel()))
-    rel = torch.exp(log_w - log_w.max())  # weights / max weight
-    mean_rel = float(rel.mean())
-    # Standard error of the mean weight, relative to the mean (delta method for log).
-    rel_se = (
-        float(rel.std(unbiased=True)) / math.sqrt(num_runs) / mean_rel
-        if num_runs > 1
-        else float("inf")
-    )
-    return AISResult(
-        log_z=log_z,
-        log_z_std=rel_se,
-        log_z_low=log_z + math.log(1 - 3 * rel_se) if 3 * rel_se < 1 else float("-inf"),
-        log_z_high=log_z + math.log1p(3 * rel_se),
-        log_weights=log_w,
-        log_z_base=log_z_base,
-        effective_sample_size=float(rel.sum() ** 2 / (rel**2).sum()),
-        num_betas=num_betas,
-        num_runs=num_runs,
-        seconds=time.perf_counter() - start_time,
-    )
 
 
 def log_partition(

@@ -22,9 +22,9 @@ from torch import nn
 
 from qvae.networks import (
     ACTIVATIONS,
+    PixelInput,
     apply_mlp,
     check_count,
-    check_pixels,
     check_positive,
     costs_no_sync,
     init_output_bias,
@@ -72,7 +72,7 @@ def _require_log_z(log_z: float | None) -> float:
     return log_z
 
 
-class DVAE(nn.Module):
+class DVAE(PixelInput, nn.Module):
     """Encoder → Bernoulli latents z = [v, h] with an RBM prior → factorial Bernoulli decoder.
 
     The default shape is the published "1-layer nonlinear" MNIST model: 784-200-200-200 encoder,
@@ -246,14 +246,6 @@ class DVAE(nn.Module):
         return self.encoder(self._shaped(x))
 
     # ------------------------------------------------------------------ checks
-    def check_input(self, x: torch.Tensor) -> torch.Tensor:
-        """x (batch, n_pixels) with values in [0, 1], in the model's dtype (the trainer checks
-        its data set once, here, before the first step)."""
-        return check_pixels(x, self.n_pixels, self.prior.weight.dtype)
-
-    def _check_x(self, x: torch.Tensor, values: bool = True) -> torch.Tensor:
-        return check_pixels(x, self.n_pixels, self.prior.weight.dtype, values=values)
-
     def log_z_prior(self) -> RBM:
         """The prior: its log Z is in the bound, so training samples it (the negative phase)
         and evaluation estimates its log Z."""

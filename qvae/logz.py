@@ -209,7 +209,13 @@ def ais_log_partition(
     with torch_threads(1 if single else None):
         log_w += _anneal(v, w, b, c, betas_list, gen, progress)
 
-    log_w = log_w.cpu()
+    return ais_result(log_w.cpu(), log_z_base, len(betas_list), num_runs, start_time)
+
+
+def ais_result(
+    log_w: torch.Tensor, log_z_base: float, num_betas: int, num_runs: int, start_time: float
+) -> AISResult:
+    """The AIS summary from the per-run log weights (shared by the RBM and BM estimators)."""
     log_z = _log_mean_exp(log_w)
     rel = torch.exp(log_w - log_w.max())  # weights / max weight
     mean_rel = float(rel.mean())
@@ -219,7 +225,6 @@ def ais_log_partition(
         if num_runs > 1
         else float("inf")
     )
-    ess = float(rel.sum() ** 2 / (rel**2).sum())
     return AISResult(
         log_z=log_z,
         log_z_std=rel_se,
@@ -227,8 +232,8 @@ def ais_log_partition(
         log_z_high=log_z + math.log1p(3 * rel_se),
         log_weights=log_w,
         log_z_base=log_z_base,
-        effective_sample_size=ess,
-        num_betas=len(betas_list),
+        effective_sample_size=float(rel.sum() ** 2 / (rel**2).sum()),
+        num_betas=num_betas,
         num_runs=num_runs,
         seconds=time.perf_counter() - start_time,
     )

@@ -134,3 +134,20 @@ def check_pixels(
 def costs_no_sync(t: torch.Tensor) -> bool:
     """Whether reading a value of `t` back to Python is free of a device sync (a CPU tensor)."""
     return t.device.type == "cpu"
+
+
+class PixelInput:
+    """`check_input` / `_check_x` of a model over `n_pixels` Bernoulli pixels whose latent
+    dtype is its prior's (DVAE, SDEVAE): one definition for both."""
+
+    n_pixels: int
+    prior: nn.Module
+
+    def check_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x (batch, n_pixels) with values in [0, 1], in the model's dtype (the trainer checks
+        its data set once, here, before the first step)."""
+        return check_pixels(x, self.n_pixels, next(self.prior.parameters()).dtype)
+
+    def _check_x(self, x: torch.Tensor, values: bool = True) -> torch.Tensor:
+        return check_pixels(x, self.n_pixels, next(self.prior.parameters()).dtype,
+                            values=values)

@@ -31,8 +31,8 @@ from torch import nn
 from qvae import relax
 from qvae.networks import (
     ACTIVATIONS,
+    PixelInput,
     check_count,
-    check_pixels,
     check_positive,
     costs_no_sync,
     init_output_bias,
@@ -110,7 +110,7 @@ def rbm_drift(rbm: RBM, u: torch.Tensor, tau: float) -> torch.Tensor:
     return relax.log_density_and_grad(params, flat, tau)[1].reshape(u.shape)
 
 
-class SDEVAE(nn.Module):
+class SDEVAE(PixelInput, nn.Module):
     """Encoder → q_0 and control κ_φ → posterior SDE on u ∈ ℝ^nv → decoder on σ(u_T/τ).
 
     `tau` (constructor) is the model's relaxation temperature, used by `elbo`, `iw_bound` and
@@ -247,14 +247,6 @@ class SDEVAE(nn.Module):
     @staticmethod
     def _check_tau(tau: Any) -> float:
         return check_positive(tau, "tau")
-
-    def check_input(self, x: torch.Tensor) -> torch.Tensor:
-        """x (batch, n_pixels) with values in [0, 1], in the model's dtype (the trainer checks
-        its data set once, here, before the first step)."""
-        return check_pixels(x, self.n_pixels, self.prior.weight.dtype)
-
-    def _check_x(self, x: torch.Tensor, values: bool = True) -> torch.Tensor:
-        return check_pixels(x, self.n_pixels, self.prior.weight.dtype, values=values)
 
     def log_z_prior(self) -> None:
         """None: the path-measure bound has no log Z, so training draws no negative phase and

@@ -73,8 +73,7 @@ def training_macs(cfg: Config, n_pixels: int = 784) -> float:
     """Multiply-adds of one training step of `cfg`: forward and backward (≈ 3× forward) of the
     networks for batch × K examples, plus the negative phase's sweeps."""
     nets = 3.0 * cfg.data.batch_size * cfg.train.num_iw * _network_macs(cfg, n_pixels)
-    sweeps = cfg.backend.options.get("num_sweeps", 1)
-    sweeps = sweeps if isinstance(sweeps, int) and not isinstance(sweeps, bool) else 1
+    sweeps = cfg.backend.options.get("num_sweeps", 1)  # checked by the backend's model at load
     return nets + rbm_sampling_macs(cfg.model.n_visible, cfg.model.n_hidden,
                                     cfg.backend.num_samples, sweeps)
 
