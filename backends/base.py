@@ -101,13 +101,29 @@ class ProblemShape:
     """What a work model needs to know of a problem before it is built.
 
     `bipartite` is False for a general BQM with an odd cycle: it has no layers, so `n_visible`
-    counts all its variables and `n_hidden` is 0.
+    counts all its variables and `n_hidden` is 0; `largest_class` is then the size of its
+    largest colour class (the units exact enumeration sums out analytically), 0 when unknown.
+    `ProblemShape.of(model)` builds it for an RBM or a BoltzmannMachine.
     """
 
     n_visible: int
     n_hidden: int
     n_couplings: int
     bipartite: bool = True
+    largest_class: int = 0
+
+    @classmethod
+    def of(cls, model: RBM | BoltzmannMachine) -> ProblemShape:
+        """The shape of an RBM, or of a BoltzmannMachine (two colour classes: its classes as
+        the layers; more: not bipartite, with its largest class)."""
+        if isinstance(model, RBM):
+            couplings = (model.n_visible * model.n_hidden if model.mask is None
+                         else int((model.mask != 0).sum()))
+            return cls(model.n_visible, model.n_hidden, couplings)
+        sizes = [int(c.numel()) for c in model.colour_classes]
+        if len(sizes) == 2:
+            return cls(sizes[0], sizes[1], model.n_edges)
+        return cls(model.n_units, 0, model.n_edges, False, max(sizes))
 
     @property
     def n_units(self) -> int:
@@ -295,6 +311,12 @@ class Sampler(abc.ABC):
         check_num_samples(num_samples)
         check_seed(seed)
         clamp = check_clamp(clamp, model.n_units)
+        conditioning = None if clamp is None else tuple(sorted(clamp.items()))
+        if conditioning != self.__dict__.get("_conditioning", None):
+            # a new conditional (or back to the joint): chains kept from the last one would
+            # start from the wrong distribution, so persistent backends start afresh
+            self._conditioning_changed()
+        self._conditioning = conditioning
         timer = Timer()
         with timer("total"), torch.no_grad():
             if clamp:
@@ -371,6 +393,10 @@ class Sampler(abc.ABC):
                 v, h = states[:, :nv], states[:, nv:]
                 return SampleSet(v, h, energies(model, v, h), info, continuous)
             return SampleSet.of_states(states, model.sample_energy(states), info, continuous)
+
+    def _conditioning_changed(self) -> None:  # noqa: B027 - optional hook
+        """Called when a call's `clamp` differs from the previous call's; backends with
+        persistent chains drop them here (a fresh burn-in follows)."""
 
     def sample_general_bqm(self, bqm: dimod.BinaryQuadraticModel, num_samples: int, *,
                            seed: int | None = None) -> dimod.SampleSet:

@@ -1,8 +1,11 @@
 """Sampling a general Ising/QUBO problem (a dimod BQM) with a backend.
 
 A bipartite BQM *is* an RBM (up to a constant): its interaction graph is 2-coloured into a visible
-and a hidden layer and any backend samples it. A BQM with an odd cycle is not; only backends that
-sample arbitrary BQMs (`neal`, `exact`, `dimod`) take it, through their `sample_general_bqm` method.
+and a hidden layer and any backend samples it. A BQM with an odd cycle is not: backends that
+sample arbitrary BQMs (`neal`, `exact`, `dimod`) take it through their `sample_general_bqm`
+method, and backends with a kernel for Boltzmann machines on any graph (`gibbs`, `dwave`) take it
+as a `qvae.BoltzmannMachine` (`BoltzmannMachine.from_bqm`, then `Sampler.sample(bm)`); the others
+(`langevin`, `mala`) refuse it.
 
 >>> import dimod, backends
 >>> bqm = dimod.BinaryQuadraticModel({"a": 0.5, "b": -0.5}, {("a", "b"): -1.0}, 0.0, "SPIN")
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 
 from backends.base import Sampler, Timer, make_generator
+from qvae.boltzmann import BoltzmannMachine
 from qvae.rbm import RBM
 
 
@@ -84,6 +88,24 @@ def bipartition(bqm: dimod.BinaryQuadraticModel) -> tuple[list[Any], list[Any]]:
     return visible, hidden
 
 
+def samples_any_graph(sampler: Sampler | type[Sampler]) -> bool:
+    """True when the backend samples a Boltzmann machine on any graph, not only bipartite ones:
+    it samples general BQMs (`capabilities.general_bqm`), or it has its own `_sample_bm` kernel
+    (gibbs, dwave; remote, whose server decides). A backend whose own kernel still refuses some
+    graphs raises NotImplementedError when asked, which callers turn into a clear error."""
+    cls = sampler if isinstance(sampler, type) else type(sampler)
+    return cls.capabilities.general_bqm or cls._sample_bm is not Sampler._sample_bm
+
+
+def any_graph_backends() -> list[str]:
+    """The built-in backends that sample Boltzmann machines on any graph (for error messages;
+    third-party ones are not imported for a message)."""
+    from backends.registry import sampler_class
+
+    builtin = ("exact", "gibbs", "neal", "dwave", "langevin", "mala", "dimod")
+    return [name for name in builtin if samples_any_graph(sampler_class(name))]
+
+
 def sample_bqm(
     sampler: Sampler, bqm: dimod.BinaryQuadraticModel, num_samples: int, *, seed: int | None = None
 ) -> BQMSamples:
@@ -92,14 +114,16 @@ def sample_bqm(
     try:
         visible, hidden = bipartition(bqm)
     except NotBipartite as exc:
-        if not sampler.capabilities.general_bqm:
-            raise NotBipartite(f"{exc}; backend {sampler.name!r} samples RBMs only, use 'neal', "
-                               "'exact' or 'dimod' for a general BQM") from None
-        timer = Timer()
-        with timer("total"), timer("sample"):
-            general_out = sampler.sample_general_bqm(bqm, num_samples, seed=seed)
-        general_out.info.update(timing=dict(timer.seconds), backend=sampler.name)
-        return general_out
+        if sampler.capabilities.general_bqm:
+            timer = Timer()
+            with timer("total"), timer("sample"):
+                general_out = sampler.sample_general_bqm(bqm, num_samples, seed=seed)
+            general_out.info.update(timing=dict(timer.seconds), backend=sampler.name)
+            return general_out
+        if samples_any_graph(sampler):
+            return _sample_as_bm(sampler, bqm, num_samples, seed, exc)
+        raise NotBipartite(f"{exc}; backend {sampler.name!r} samples bipartite models only, use "
+                           f"one of {any_graph_backends()} for a general BQM") from None
     rbm = RBM.from_bqm(bqm, visible, hidden)
     out = sampler.sample(rbm, num_samples, seed=seed)
     z = out.states.detach().cpu().numpy().astype(np.int8)
@@ -116,6 +140,24 @@ def sample_bqm(
         continuous = relaxed[:, order]
     info = {**out.info, "num_visible_layer": len(visible)}
     return BQMSamples(list(bqm.variables), bqm.vartype.name, samples, energies, info, continuous)
+
+
+def _sample_as_bm(sampler: Sampler, bqm: dimod.BinaryQuadraticModel, num_samples: int,
+                  seed: int | None, why: Exception) -> BQMSamples:
+    """A non-bipartite BQM through `Sampler.sample` as a BoltzmannMachine over its labels."""
+    bm = BoltzmannMachine.from_bqm(bqm, dtype=torch.float64)
+    try:
+        out = sampler.sample(bm, num_samples, seed=seed)
+    except NotImplementedError as exc:
+        raise NotBipartite(f"{why}; {exc}") from None
+    z = out.states.detach().cpu().numpy().astype(np.int8)  # columns: bqm.variables, in order
+    samples = 2 * z - 1 if bqm.vartype is dimod.SPIN else z
+    variables = list(bqm.variables)
+    energies = bqm.energies((samples, variables))
+    continuous = None
+    if out.continuous is not None and tuple(out.continuous.shape) == z.shape:
+        continuous = out.continuous.detach().cpu().double().numpy()
+    return BQMSamples(variables, bqm.vartype.name, samples, energies, dict(out.info), continuous)
 
 
 def from_dimod(sampleset: dimod.SampleSet, bqm: dimod.BinaryQuadraticModel,

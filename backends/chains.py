@@ -284,6 +284,9 @@ class ChainSampler(Sampler):
     def reset(self) -> None:
         self.chains.reset()
 
+    def _conditioning_changed(self) -> None:
+        self.chains.reset()
+
     def state_dict(self) -> dict[str, Any]:
         return self.chains.state_dict()
 

@@ -11,6 +11,15 @@ from the returned samples every `beta_every` calls.
 Mapping: `embedded` (default) minor-embeds the RBM (cached on disk) with chains of strength
 `chain_strength` and majority-vote unembedding; `native` puts unit i on one qubit and needs an
 RBM whose couplings are QPU couplers (build its mask with `native_rbm_mask`).
+A `BoltzmannMachine` (any graph) whose `variables` are working qubits and whose couplings are
+couplers (`qvae.boltzmann_graphs.qpu_native` on the solver's graph) is placed one unit per
+qubit, no chains, in either mode; any other is minor-embedded in `embedded` mode (minorminer's
+clique embedding when dense) and refused by `native`, naming the qubits or couplers missing.
+
+Clamped units (`sample(..., clamp=)`) are folded into their neighbours' biases by the base
+(`qvae.conditioning`), so the QPU is programmed with the reduced problem of the free units
+only, and β_eff is calibrated and re-estimated on that programmed problem like on any other
+(one β̂ serves every problem this sampler programs). A reduced native model stays native.
 
 Failures never stop a training run unless `strict=True`: no token / solver / network, an
 exhausted `qpu_time_budget_s` (with `on_budget="fallback"`) or transient errors that outlast
@@ -57,7 +66,13 @@ from backends.dwave_client import (
     estimated_cost,
     qpu_status,
 )
-from backends.dwave_embedding import Embedding, Mappings, default_cache_dir, native_rbm_mask
+from backends.dwave_embedding import (
+    Embedding,
+    Mappings,
+    default_cache_dir,
+    native_misfit,
+    native_rbm_mask,
+)
 from backends.dwave_temperature import (
     BETA_MAX_REL_SE,
     BETA_PRIOR_REL_SE,
@@ -69,6 +84,7 @@ from backends.dwave_temperature import (
     programmed_beta,
 )
 from backends.options import Capabilities, Field
+from qvae.boltzmann import BoltzmannMachine
 from qvae.rbm import RBM
 
 __all__ = ["DWaveBackend", "DWaveOptions", "QPUBudgetExceeded", "QPUFallbackWarning",
@@ -83,8 +99,11 @@ class DWaveOptions(BackendOptions):
         None, description="None: Leap's default QPU; a solver name; a dict of solver features; "
         "or 'emulator' (offline, dwave-system's MockDWaveSampler)")
     mode: Literal["embedded", "native"] = Field(
-        "embedded", description="'embedded' (chains of qubits per unit) or 'native' (one qubit "
-        "per unit; the RBM's couplings must be QPU couplers, see native_rbm_mask)")
+        "embedded", description="'embedded' (chains of qubits per unit; a BoltzmannMachine "
+        "on the solver's qubits and couplers still gets one qubit per unit) or 'native' (one "
+        "qubit per unit; the RBM's couplings must be QPU couplers, see native_rbm_mask; a "
+        "BoltzmannMachine must be a subgraph of the working graph, see "
+        "qvae.boltzmann_graphs.qpu_native)")
     native_qubits: tuple[list[int], list[int]] | None = Field(
         None, description="native mode: (visible_qubits, hidden_qubits), two lists of qubit "
         "indices; None: from native_rbm_mask")
@@ -203,8 +222,40 @@ def logical_ising(rbm: RBM) -> tuple[np.ndarray, np.ndarray]:
     return h, w
 
 
+def bm_ising(bm: BoltzmannMachine) -> tuple[np.ndarray, np.ndarray]:
+    """Spin-form linear biases h (n_units,) and couplings J (n_edges,) of a BoltzmannMachine,
+    per `bm.edges`, float64: with z = (s + 1)/2, E = −b·z − Σ J_e z_i z_j gives
+    h = −b/2 − ¼ Σ_{e ∋ i} J_e and J^s_e = −J_e/4 (the constant dropped), as `logical_ising`
+    for an RBM. ValueError on an all-zero model (nothing to program)."""
+    b = bm.bias.detach().double().cpu().numpy()
+    coupling = bm.coupling.detach().double().cpu().numpy()
+    edges = bm.edges.cpu().numpy()
+    incident = np.bincount(edges.ravel(), weights=np.repeat(coupling, 2), minlength=b.size)
+    h, j = -b / 2 - incident / 4, -coupling / 4
+    if not (np.any(h) or np.any(j)):
+        raise ValueError("the Boltzmann machine is all zeros (no biases, no couplings): "
+                         "nothing to program on the QPU, which would return pure noise")
+    return h, j
+
+
+def native_bm(rbm: RBM, emb: Embedding) -> BoltzmannMachine:
+    """A native-mode RBM as a BoltzmannMachine on its qubits: variables = the qubit of each
+    unit of z = [v, h], edges = the couplers between them (`emb.source_edges`; `check_native`
+    has made sure no nonzero weight lies elsewhere), the layers as colour classes."""
+    nv, n = rbm.n_visible, rbm.n_units
+    src = torch.from_numpy(emb.source_edges)
+    w = rbm.effective_weight().detach().cpu()
+    return BoltzmannMachine(
+        emb.qubits.tolist(), src,
+        bias=torch.cat([rbm.visible_bias, rbm.hidden_bias]).detach().cpu(),
+        coupling=w[src[:, 0], src[:, 1] - nv], parts=[range(nv), range(nv, n)],
+        dtype=rbm.weight.dtype,
+    ).to(rbm.weight.device)
+
+
 class DWaveBackend(Sampler):
-    """D-Wave QPU sampler (or its emulator) for RBM priors; see the module doc and README."""
+    """D-Wave QPU sampler (or its emulator) for RBM and BoltzmannMachine priors, clamped
+    units included; see the module doc and README."""
 
     name = "dwave"
     Options = DWaveOptions
@@ -234,7 +285,9 @@ class DWaveBackend(Sampler):
              num_samples: int) -> dict[str, Cost]:
         """Reads (calibration included while β_eff is unknown) × anneal time on the QPU; on
         the emulator, reads × emulator_sweeps × size too; and the embedding search, which
-        holds the process for up to embedding_timeout (nothing interrupts it)."""
+        holds the process for up to embedding_timeout (nothing interrupts it). The same model
+        prices a BoltzmannMachine or general BQM (`shape.size` = its units + couplings, any
+        graph): QPU time depends on reads and calls, not on the graph."""
         o = cls.parse_options(options)
         calibration = 0 if o.beta_eff is not None else CALIBRATION_ROUNDS * o.calibration_reads
         reads = num_samples + calibration
@@ -305,7 +358,6 @@ class DWaveBackend(Sampler):
         o, client = self.options, self.client
         with timer("preprocess"):
             h, w = self._logical_ising(rbm)
-            rng = np.random.default_rng(seed)
             if not client.connect():
                 return self._serve_fallback(rbm, num_samples, seed, timer, client.latched)
             emb, cache_status, emb_seconds = self.mappings.get(
@@ -313,44 +365,125 @@ class DWaveBackend(Sampler):
                 native_qubits=self.native_qubits)
             src = emb.source_edges
             j = -w[src[:, 0], src[:, 1] - rbm.n_visible] / 4
+        out = self._anneal(rbm, h, j, emb, rbm.n_visible, num_samples, seed, timer)
+        if isinstance(out, SampleSet):
+            return out
+        logical, info = out
+        with timer("postprocess"):
+            z = torch.from_numpy((logical + 1) / 2).to(rbm.weight.device, rbm.weight.dtype)
+            v, hid = z[:, :rbm.n_visible], z[:, rbm.n_visible:]
+            result = SampleSet(v, hid, energies(rbm, v, hid))
+        result.info.update(info, mode=o.mode, embedding_cache=cache_status,
+                           embedding_seconds=emb_seconds)
+        return result
+
+    def _sample_bm(self, bm: BoltzmannMachine, num_samples: int, *, seed: int | None,
+                   timer: Timer) -> SampleSet:
+        """A BoltzmannMachine on the QPU, any graph. Native (one qubit per unit, no chains)
+        when its `variables` are working qubits and its couplings couplers, in either mode
+        (bipartite ones too: an RBM would lose their qubit labels); otherwise mode 'native'
+        refuses it (naming what is missing) and 'embedded' minor-embeds it (a bipartite one as
+        an RBM, for the biclique embeddings of dense layers). β_eff is handled as for an RBM:
+        the spin-form BQM divided by β̂, β̂ calibrated and re-estimated by maximum
+        pseudo-likelihood on the logical problem programmed."""
+        if bm.n_edges == 0:  # independent units: nothing for the QPU to do (the base's exact)
+            return super()._sample_bm(bm, num_samples, seed=seed, timer=timer)
+        o, client = self.options, self.client
+        with timer("preprocess"):
+            h, j = bm_ising(bm)
+            connected = client.connect()
+            as_rbm = (connected and o.mode == "embedded" and len(bm.colour_classes) == 2
+                      and native_misfit(bm.variables, bm.edges.cpu().numpy(), client.graph)
+                      is not None)
+        if not connected:
+            return self._serve_fallback(bm, num_samples, seed, timer, client.latched)
+        if as_rbm:
+            # a bipartite model off the hardware graph: embedded as an RBM (the base's
+            # to_rbm), whose dense case has minorminer's biclique embeddings, shorter chains
+            return super()._sample_bm(bm, num_samples, seed=seed, timer=timer)
+        with timer("preprocess"):
+            emb, cache_status, emb_seconds = self.mappings.get_bm(
+                bm, client.graph, client.solver_id, native=o.mode == "native")
+        out = self._anneal(bm, h, j, emb, None, num_samples, seed, timer)
+        if isinstance(out, SampleSet):
+            return out
+        logical, info = out
+        with timer("postprocess"):
+            z = torch.from_numpy((logical + 1) / 2).to(bm.bias.device, bm.bias.dtype)
+            result = SampleSet.of_states(z, bm.sample_energy(z))
+        result.info.update(info, mode="native" if emb.native else "embedded",
+                           embedding_cache=cache_status, embedding_seconds=emb_seconds)
+        return result
+
+    def _sample_clamped(self, model: RBM | BoltzmannMachine, num_samples: int,
+                        clamp: dict[int, int], *, seed: int | None,
+                        timer: Timer) -> SampleSet:
+        """Native-mode RBMs only; everything else is the base's conditioning (clamped units
+        folded into their neighbours' biases, the reduced problem programmed and β_eff
+        calibrated on it). Why: the reduced RBM renumbers its units, so the native mapping
+        (visible unit i on native_qubits[0][i], ...) would be lost. The RBM is instead
+        conditioned as a BoltzmannMachine whose variables are its qubits: the reduced model
+        keeps the free units' qubits and a subset of the couplers, so it stays native."""
+        if not (isinstance(model, RBM) and self.options.mode == "native"):
+            return super()._sample_clamped(model, num_samples, clamp, seed=seed, timer=timer)
+        with timer("preprocess"):
+            connected = self.client.connect()
+        if not connected:  # the base's path ends at the neal fallback
+            return super()._sample_clamped(model, num_samples, clamp, seed=seed, timer=timer)
+        with timer("preprocess"):
+            emb, _, _ = self.mappings.get(model, self.client.graph, self.client.solver_id,
+                                          native=True, native_qubits=self.native_qubits)
+            bm = native_bm(model, emb)
+        out = super()._sample_clamped(bm, num_samples, clamp, seed=seed, timer=timer)
+        nv = model.n_visible
+        v, hid = out.states[:, :nv], out.states[:, nv:]
+        return SampleSet(v, hid, energies(model, v, hid), out.info)
+
+    def _anneal(self, model: RBM | BoltzmannMachine, h: np.ndarray, j: np.ndarray,
+                emb: Embedding, nv: int | None, num_samples: int, seed: int | None,
+                timer: Timer) -> SampleSet | tuple[np.ndarray, dict[str, Any]]:
+        """The QPU part of a call on logical Ising (h, J per `emb.source_edges`): budget,
+        calibration while β̂ is unknown, the call, majority-vote unembedding and the β_eff
+        re-estimate. (logical spins (R, n_units), info), or the fallback's SampleSet."""
+        client = self.client
+        with timer("preprocess"):
+            rng = np.random.default_rng(seed)
             j_range = client.properties["j_range"]
-            cs = o.chain_strength if o.chain_strength is not None else -j_range[0]
+            cs = (self.options.chain_strength if self.options.chain_strength is not None
+                  else -j_range[0])
             if emb.chain_a.size and not j_range[0] <= -cs:
                 raise ValueError(f"chain_strength {cs} exceeds the solver's j_range {j_range}")
             cost = self.estimate_qpu_seconds(num_samples)
         reason = client.over_budget(cost)  # raises QPUBudgetExceeded under on_budget="stop"
         if reason is not None:
-            return self._serve_fallback(rbm, num_samples, seed, timer, reason)
+            return self._serve_fallback(model, num_samples, seed, timer, reason)
         record, calibration = CallRecord(), None
         try:
             if self.tracker.beta is None:
-                calibration = self._calibrate(h, j, emb, cs, rbm.n_visible, rng, timer, record)
+                calibration = self._calibrate(h, j, emb, cs, nv, rng, timer, record)
             beta = self.tracker.beta
             with timer("preprocess"):
                 program = self._program(h, j, emb, cs, beta)
             spins = client.run(program, emb, num_samples, rng, record, timer)
         except Unavailable as exc:
-            return self._serve_fallback(rbm, num_samples, seed, timer, str(exc))
+            return self._serve_fallback(model, num_samples, seed, timer, str(exc))
         with timer("postprocess"):
             logical, breaks = emb.unembed(spins, rng)
             self.calls += 1
-            estimate, update = self._reestimate(logical, program, emb, rbm.n_visible)
-            z = torch.from_numpy((logical + 1) / 2).to(rbm.weight.device, rbm.weight.dtype)
-            v, hid = z[:, :rbm.n_visible], z[:, rbm.n_visible:]
-            out = SampleSet(v, hid, energies(rbm, v, hid))
-        out.info.update(
+            estimate, update = self._reestimate(logical, program, emb, nv)
+        info = dict(
             served_by="emulator" if self.emulated else "dwave", fallback=None,
-            solver=client.solver_id, mode=o.mode, beta_eff=beta, beta_eff_estimate=estimate,
+            solver=client.solver_id, beta_eff=beta, beta_eff_estimate=estimate,
             beta_eff_update=update,
             calibration=calibration, chain_strength=cs, chain_break_fraction=breaks,
-            max_chain_length=emb.max_chain_length, num_qubits=int(emb.qubits.size),
-            embedding_cache=cache_status, embedding_seconds=emb_seconds,
+            max_chain_length=emb.max_chain_length, mean_chain_length=emb.mean_chain_length,
+            num_qubits=int(emb.qubits.size),
             clipped=program.clipped, clip_ratio=program.clip_ratio,
             qpu_calls=record.calls, qpu_access_time_s=record.qpu_s,
             qpu_access_time_estimated=record.estimated, qpu_time_total_s=self.qpu_time_s,
             retries=record.retries,
         )
-        return out
+        return logical, info
 
     _logical_ising = staticmethod(logical_ising)
 
@@ -370,7 +503,8 @@ class DWaveBackend(Sampler):
         return sum(self.client.estimated_cost(r) for r in reads)
 
     # ------------------------------------------------------------- temperature
-    def _calibrate(self, h: np.ndarray, j: np.ndarray, emb: Embedding, cs: float, nv: int,
+    def _calibrate(self, h: np.ndarray, j: np.ndarray, emb: Embedding, cs: float,
+                   nv: int | None,
                    rng: np.random.Generator, timer: Timer, record: CallRecord) -> dict:
         """Iterate β̂ ← MPL β_eff of samples programmed at E/β̂ (the tracker's rule)."""
         reads = self.options.calibration_reads
@@ -391,8 +525,8 @@ class DWaveBackend(Sampler):
         return {"rounds": cal.rounds, "reads": reads, "betas": cal.betas,
                 "relative_se": cal.relative_se}
 
-    def _reestimate(self, logical: np.ndarray, program: QPUProgram, emb: Embedding, nv: int
-                    ) -> tuple[float | None, str | None]:
+    def _reestimate(self, logical: np.ndarray, program: QPUProgram, emb: Embedding,
+                    nv: int | None) -> tuple[float | None, str | None]:
         """Every beta_every-th call: (this call's β_eff estimate, what became of it)."""
         every = self.options.beta_every
         if not (every and self.calls % every == 0):
@@ -410,8 +544,8 @@ class DWaveBackend(Sampler):
         return estimate.beta, "updated"
 
     # ---------------------------------------------------------------- fallback
-    def _serve_fallback(self, rbm: RBM, num_samples: int, seed: int | None, timer: Timer,
-                        reason: str | None) -> SampleSet:
+    def _serve_fallback(self, rbm: RBM | BoltzmannMachine, num_samples: int,
+                        seed: int | None, timer: Timer, reason: str | None) -> SampleSet:
         warnings.warn(f"dwave backend: the QPU did not serve this call, neal (simulated "
                       f"annealing) did: {reason}. To make this an error: --set "
                       "backend.options.strict=true (Python: strict=True).",

@@ -10,7 +10,9 @@
   operations instead of Python loops over ~10⁴ couplings.
 * `native_rbm_mask` picks a bipartite subgraph of the working graph (one qubit per unit) on
   which an RBM needs no embedding at all.
-* `Mappings` keeps one sampler's mapping per RBM shape in memory (embedded or native).
+* `Mappings` keeps one sampler's mapping per RBM shape in memory (embedded or native), and
+  per `BoltzmannMachine` graph (`get_bm`: one qubit per unit when the model is a subgraph of
+  the working graph, else a cached minor-embedding from `get_graph_embedding`).
 """
 
 from __future__ import annotations
@@ -122,6 +124,93 @@ def get_embedding(
     return chains, "miss", seconds
 
 
+def find_graph_embedding(source_edges: np.ndarray, n_units: int, graph: nx.Graph, *,
+                         timeout: float, seed: int = 0) -> Chains:
+    """A minor-embedding {unit: [qubits]} of a graph on units 0..n_units-1 (a Boltzmann
+    machine's) in `graph`, ValueError if none. Dense graphs (at least half of all pairs
+    coupled, e.g. a complete k-partite model) on Chimera/Pegasus/Zephyr use minorminer's
+    constructive clique embedding (`busclique`: seconds, short uniform chains, and it embeds
+    every subgraph of K_n); anything else, or a failure, `minorminer.find_embedding`."""
+    import minorminer
+
+    dense = len(source_edges) >= 0.5 * n_units * (n_units - 1) / 2
+    if dense and graph.graph.get("family") in ("chimera", "pegasus", "zephyr"):
+        try:
+            from minorminer.busclique import busgraph_cache
+
+            chains = busgraph_cache(graph).find_clique_embedding(n_units)
+            if chains and len(chains) == n_units:
+                return {int(k): [int(q) for q in v] for k, v in chains.items()}
+        except Exception:  # noqa: BLE001 - any failure: fall through to the heuristic
+            pass
+    chains = minorminer.find_embedding(
+        [tuple(e) for e in source_edges.tolist()], list(graph.edges),
+        random_seed=seed, timeout=timeout,
+    )
+    isolated = set(range(n_units)) - {int(u) for e in source_edges.tolist() for u in e}
+    free = (q for q in sorted(graph) if not any(q in c for c in chains.values()))
+    for u in sorted(isolated):  # units without couplings: any unused qubit
+        chains[u] = [next(free, None)]
+    if not chains or len(chains) < n_units or any(c == [None] for c in chains.values()):
+        raise ValueError(
+            f"no embedding of the {n_units}-unit Boltzmann machine ({len(source_edges)} "
+            f"couplings) in the {graph.number_of_nodes()}-qubit working graph within {timeout} "
+            "s; use a smaller or sparser model, a QPU-native one (qvae.boltzmann_graphs."
+            "qpu_native on the solver's graph) or a larger embedding_timeout")
+    return {int(k): [int(q) for q in v] for k, v in chains.items()}
+
+
+def _read_cached(path: Path, key: str, graph: nx.Graph) -> Chains | None:
+    try:
+        data = json.loads(path.read_text())
+        chains = {int(k): v for k, v in data["chains"].items()}
+    except (OSError, ValueError, KeyError):
+        return None  # unreadable or stale: recompute and overwrite
+    if data.get("key") == key and all(graph.has_node(q) for c in chains.values() for q in c):
+        return chains
+    return None
+
+
+def get_graph_embedding(
+    source_edges: np.ndarray, n_units: int, graph: nx.Graph, *, solver_id: str,
+    cache_dir: Path | None, timeout: float, refresh: bool = False,
+) -> tuple[Chains, str, float]:
+    """`get_embedding` for a graph on units 0..n_units-1 (a Boltzmann machine's): (chains,
+    "hit"|"miss", seconds spent finding it), through the same on-disk cache."""
+    topo = graph.graph.get("name", f"{graph.number_of_nodes()}q")
+    key = f"{solver_id}|{topo}|graph{n_units}|{edges_key(n_units, source_edges)}"
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+        if path.exists() and not refresh:
+            chains = _read_cached(path, key, graph)
+            if chains is not None:
+                return chains, "hit", 0.0
+    start = time.perf_counter()
+    chains = find_graph_embedding(source_edges, n_units, graph, timeout=timeout)
+    seconds = time.perf_counter() - start
+    if path is not None:
+        write_bytes_atomic(path, json.dumps({"key": key, "seconds": seconds,
+                                             "chains": chains}).encode())
+    return chains, "miss", seconds
+
+
+def native_misfit(variables: list[Any], edges: np.ndarray, graph: nx.Graph) -> str | None:
+    """None when a model on `variables` with couplings `edges` (index pairs) is a subgraph of
+    the working graph (every variable a working qubit, every coupling a coupler); else what is
+    missing, in words."""
+    absent = [v for v in variables if not graph.has_node(v)]
+    if absent:
+        return (f"{len(absent)} of its {len(variables)} variables are not working qubits "
+                f"(e.g. {absent[:5]})")
+    off = [(variables[i], variables[j]) for i, j in edges.tolist()
+           if not graph.has_edge(variables[i], variables[j])]
+    if off:
+        return (f"{len(off)} of its {len(edges)} couplings join qubits that share no coupler "
+                f"(e.g. {off[:3]})")
+    return None
+
+
 class Embedding:
     """Precomputed index arrays for embedding a logical Ising problem and unembedding samples.
 
@@ -168,10 +257,15 @@ class Embedding:
         self.chain_a, self.chain_b = ce[:, 0], ce[:, 1]
         self.multi = self.chain_size > 1
         self.starts = np.concatenate([[0], np.cumsum(self.chain_size)[:-1]])  # chains contiguous
+        self.native = False  # unit i on qubit variables[i] (a BM that is a hardware subgraph)
 
     @property
     def max_chain_length(self) -> int:
         return int(self.chain_size.max())
+
+    @property
+    def mean_chain_length(self) -> float:
+        return float(self.chain_size.mean())
 
     def embed(self, h: np.ndarray, j: np.ndarray, chain_strength: float
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -356,5 +450,41 @@ class Mappings:
         except ValueError:  # a cached embedding that no longer fits (e.g. qubits went away)
             chains, status, seconds = get_embedding(edges, nv, nh, graph, refresh=True, **find)
             emb = Embedding(chains, nv + nh, edges, graph.edges)
+        self._known[key] = emb
+        return emb, status, seconds
+
+    def get_bm(self, bm: Any, graph: nx.Graph, solver_id: str, *, native: bool
+               ) -> tuple[Embedding, str, float]:
+        """The mapping of a `BoltzmannMachine`: (mapping, native / memory / hit / miss,
+        seconds). When its `variables` are working qubits and its couplings couplers (a
+        `qpu_native` model of this solver), unit i sits on qubit variables[i]: no chains, in
+        either mode (one qubit per unit is the shortest embedding there is). Otherwise
+        `native` raises a ValueError naming what is missing and embedded mode minor-embeds
+        it (cached like an RBM's)."""
+        edges = bm.edges.detach().cpu().numpy().astype(np.int64)
+        key: tuple = ("bm", tuple(bm.variables), edges.tobytes())
+        if key in self._known:
+            emb = self._known[key]
+            return emb, "native" if emb.native else "memory", 0.0
+        misfit = native_misfit(bm.variables, edges, graph)
+        if misfit is None:
+            emb = Embedding({i: [int(q)] for i, q in enumerate(bm.variables)}, bm.n_units,
+                            edges, graph.edges)
+            emb.native = True
+            self._known[key] = emb
+            return emb, "native", 0.0
+        if native:
+            raise ValueError(
+                f"native mode: this Boltzmann machine is not a subgraph of {solver_id}'s "
+                f"working graph: {misfit}; build it with qvae.boltzmann_graphs.qpu_native("
+                "None, partitions, graph=sampler.working_graph()) or use mode='embedded'")
+        find = dict(solver_id=solver_id, cache_dir=self.cache_dir, timeout=self.timeout)
+        chains, status, seconds = get_graph_embedding(edges, bm.n_units, graph, **find)
+        try:
+            emb = Embedding(chains, bm.n_units, edges, graph.edges)
+        except ValueError:  # a cached embedding that no longer fits
+            chains, status, seconds = get_graph_embedding(edges, bm.n_units, graph,
+                                                          refresh=True, **find)
+            emb = Embedding(chains, bm.n_units, edges, graph.edges)
         self._known[key] = emb
         return emb, status, seconds

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import dimod
 import numpy as np
+from scipy import sparse
 from scipy.special import expit
 
 from backends.dwave_emulator import ThermalIsingSampler  # noqa: F401 - its former home
@@ -129,6 +130,19 @@ def bipartite_fields(
     return h_v.astype(np.float32) + s_h @ j.T, h_h.astype(np.float32) + s_v @ j
 
 
+def graph_fields(spins: np.ndarray, h: np.ndarray, edges: np.ndarray, j: np.ndarray
+                 ) -> np.ndarray:
+    """Local fields f = h + J s (R, n) of an Ising model on any graph: `edges` (m, 2) unit
+    pairs, `j` (m,) their couplings (a sparse product, so a hardware graph costs O(m))."""
+    n = spins.shape[1]
+    rows, cols = edges[:, 0], edges[:, 1]
+    jmat = sparse.coo_matrix((np.concatenate([j, j]).astype(np.float32),
+                              (np.concatenate([rows, cols]), np.concatenate([cols, rows]))),
+                             shape=(n, n)).tocsr()
+    s = spins.astype(np.float32, copy=False)
+    return h.astype(np.float32) + np.asarray(jmat @ s.T).T
+
+
 @dataclass(frozen=True, eq=False)
 class QPUProgram:
     """The physical problem one QPU call is programmed with, in spin form on the embedding's
@@ -186,14 +200,20 @@ def program_problem(
     return QPUProgram(hq, rows, cols, jq, clipped, ratio)
 
 
-def programmed_beta(logical: np.ndarray, program: QPUProgram, emb: Any, n_visible: int,
+def programmed_beta(logical: np.ndarray, program: QPUProgram, emb: Any, n_visible: int | None,
                     beta0: float | None = None, max_relative_se: float | None = None
                     ) -> BetaEstimate:
     """MPL β_eff (and its information) of logical spins (R, n_units) under the logical
     Hamiltonian that `program` realises on intact chains (clipping and chain splitting
-    included)."""
-    nv = n_visible
+    included). `n_visible`: the RBM's first layer (a dense bipartite product); None: a model
+    on any graph (a `BoltzmannMachine`; fields from its edge list). The pseudo-likelihood
+    needs no bipartite structure: each unit's conditional given all others is
+    σ(−2 β s_i f_i) on any graph, so the estimator is the same."""
     h, jvec = emb.contract(program.h, program.j[:emb.coupler_edge.size])
+    if n_visible is None:
+        fields = graph_fields(logical, h, emb.source_edges, jvec)
+        return mpl_estimate(logical, fields, beta0=beta0, max_relative_se=max_relative_se)
+    nv = n_visible
     jmat = np.zeros((nv, emb.n_units - nv), np.float32)
     jmat[emb.source_edges[:, 0], emb.source_edges[:, 1] - nv] = jvec
     fv, fh = bipartite_fields(logical[:, :nv], logical[:, nv:], h[:nv], h[nv:], jmat)

@@ -1,7 +1,11 @@
-"""`exact`: independent samples by enumeration. Ground truth for tests; small RBMs only.
+"""`exact`: independent samples by enumeration. Ground truth for tests; small models only.
 
-The smaller layer's marginal p(s) ∝ exp(-F(s)) is enumerated (2^min(nv, nh) states), a state is
-drawn from it by inverse-CDF, and the other layer is drawn exactly from its conditional.
+RBM: the smaller layer's marginal p(s) ∝ exp(-F(s)) is enumerated (2^min(nv, nh) states), a
+state is drawn from it by inverse-CDF, and the other layer is drawn exactly from its conditional.
+BoltzmannMachine (any graph): the same with the largest colour class in the role of the larger
+layer: given the other units its units are independent, so it is summed out analytically, the
+other units' 2^(n − |class|) states are enumerated and drawn by inverse-CDF, and the class is
+drawn from its exact conditional.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from backends.base import (
     make_generator,
 )
 from backends.options import Field
+from qvae.boltzmann import BoltzmannMachine
 from qvae.rbm import RBM, states_from_index
 
 #: Enumerating more states would hold > 16 GiB of float64 tables (log p and its CDF).
@@ -50,12 +55,18 @@ class ExactSampler(Sampler):
     @classmethod
     def work(cls, options: Mapping[str, Any] | BackendOptions, shape: ProblemShape,
              num_samples: int) -> dict[str, Cost]:
-        """2^(smaller layer) states (2^all variables for a non-bipartite BQM), each costing
-        its free energy (size update-equivalents). (A problem over max_states is refused by
-        the backend itself before it enumerates anything.)"""
+        """2^(smaller layer) states (for a non-bipartite model: 2^(units outside its largest
+        colour class), 2^all variables when the shape does not say), each costing its free
+        energy (size update-equivalents). (A problem over max_states is refused by the
+        backend itself before it enumerates anything.)"""
         cls.parse_options(options)
-        n = min(shape.n_visible, shape.n_hidden) if shape.bipartite else shape.n_units
-        what = f"a smaller layer of {n} units" if shape.bipartite else f"{n} variables"
+        if shape.bipartite:
+            n = min(shape.n_visible, shape.n_hidden)
+            what = f"a smaller layer of {n} units"
+        else:
+            n = shape.n_units - shape.largest_class
+            what = (f"{n} units outside the largest colour class" if shape.largest_class
+                    else f"{n} variables")
         states, fix = float(2**n), ("the problem size (use 'gibbs' or 'neal' for this one)",)
         return {
             "enumerated_states": Cost(states, f"2^{n} ({what})", fix),
@@ -98,3 +109,37 @@ class ExactSampler(Sampler):
             visible, hidden = visible.to(device, dtype), hidden.to(device, dtype)
             energy = energies(rbm, visible, hidden)
         return SampleSet(visible, hidden, energy, {"states_enumerated": 2**n_small})
+
+    def _sample_bm(self, bm: BoltzmannMachine, num_samples: int, *, seed: int | None,
+                   timer: Timer) -> SampleSet:
+        """Exact samples of a BoltzmannMachine on any graph (module doc): 2^(units outside the
+        largest colour class) states enumerated, at most `max_states`."""
+        summed = bm.summed_class()
+        units = bm.colour_classes[summed]
+        n_rest = bm.n_units - units.numel()
+        if 2**n_rest > self.max_states:
+            raise ValueError(
+                f"the exact backend would enumerate 2^{n_rest} states ({n_rest} units outside "
+                f"the largest of {len(bm.colour_classes)} colour classes), over max_states="
+                f"{self.max_states}; use 'gibbs' or 'neal' for a Boltzmann machine this size"
+            )
+        with timer("preprocess"):
+            model = bm.float64_copy().cpu()
+            # -F(r) for each state r of the other units, bit i = unit rest[i]
+            log_p = model._neg_marginal_free_energies(self.max_states)
+            cdf = torch.cumsum(torch.softmax(log_p, 0), 0)
+            rest = (model.colour != summed).nonzero().flatten()
+            units = units.cpu()
+        with timer("sample"):
+            gen = make_generator(seed)
+            u = torch.rand(num_samples, generator=gen, dtype=torch.float64) * cdf[-1]
+            idx = torch.searchsorted(cdf, u).clamp_(max=cdf.numel() - 1)
+            z = torch.zeros(num_samples, bm.n_units, dtype=torch.float64)
+            z[:, rest] = states_from_index(idx, n_rest, torch.float64)
+            # the summed class's units are independent given the rest (no coupling inside it)
+            z[:, units] = torch.bernoulli(model.p_unit_given_rest(z, units), generator=gen)
+        with timer("postprocess"):
+            states = z.to(bm.bias.device, bm.bias.dtype)
+            energy = bm.sample_energy(states)
+        return SampleSet.of_states(states, energy, {"states_enumerated": 2**n_rest,
+                                                    "summed_units": int(units.numel())})

@@ -1,21 +1,27 @@
 """`gibbs`: vectorised block Gibbs in torch with persistent chains (PCD).
 
-A sweep is v ~ p(v | h) then h ~ p(h | v) for every chain at once; the chain state is h. Chains
-persist across calls for the same RBM shape (and are re-initialised and burned in when the shape,
-chain count, device or dtype changes), so a trainer pays burn-in once and `num_sweeps` per call.
+RBM: a sweep is v ~ p(v | h) then h ~ p(h | v) for every chain at once; the chain state is h.
+`BoltzmannMachine` (any graph): a sweep redraws each colour class in turn from its exact
+conditional (the units of a class are independent given the rest), every chain at once; the
+chain state is the full z. Chains persist across calls for the same model kind and shape (and
+are re-initialised and burned in when the kind, shape, chain count, device or dtype changes), so
+a trainer pays burn-in once and `num_sweeps` per call.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from backends.base import SampleSet, Timer, energies
 from backends.chains import ChainOptions, ChainSampler, Plan, burn_in, run_rounds
-from backends.numerics import check_precision
+from backends.numerics import check_precision, precision_limit
 from backends.options import Capabilities, Field
 from qvae import cancel
+from qvae.boltzmann import DENSE_MIN_DENSITY, LAYOUTS, BoltzmannMachine
 from qvae.rbm import RBM
 
 #: Uniforms for up to this many bytes are drawn in one go (several sweeps' worth when they fit).
@@ -133,6 +139,161 @@ def gibbs_advance(
     return h, v
 
 
+@dataclass(frozen=True)
+class ColourBlock:
+    """One colour class of a model laid out in class order: its units are rows start:stop of
+    the (units, chains) state; `rows` = β J[class, :] (columns in class order, dense or sparse
+    COO) and `bias` = β b[class] as a (len, 1) column."""
+
+    start: int
+    stop: int
+    rows: torch.Tensor
+    bias: torch.Tensor
+
+
+def colour_blocks(bm: BoltzmannMachine, beta: float, device: torch.device, dtype: torch.dtype,
+                  *, layout: str | None = None) -> tuple[torch.Tensor, list[ColourBlock]]:
+    """(order, blocks): the units in colour-class order (z[:, order] is the kernel's layout,
+    transposed) and each class's block, built once per call, β folded in. Dense or sparse per
+    class by the rule of `BoltzmannMachine.coupling_rows` (or as `layout` says); the dense
+    classes' rows are built in one go."""
+    classes = bm.colour_classes
+    n = bm.n_units
+    order = torch.cat(classes)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(n, device=order.device)
+    if layout is None:  # coupling_rows's density rule, from the degrees (no matrix built)
+        degree = torch.bincount(bm.edges.flatten(), minlength=n)
+        dense = [float(degree[c].sum()) / (c.numel() * n) >= DENSE_MIN_DENSITY for c in classes]
+    elif layout in LAYOUTS:
+        dense = [layout == "dense"] * len(classes)
+    else:
+        raise ValueError(f"layout must be one of {LAYOUTS} or None, got {layout!r}")
+    dense_rows = None
+    if any(dense):
+        units = torch.cat([c for c, d in zip(classes, dense, strict=True) if d])
+        dense_rows = (bm.coupling_rows(units, layout="dense").detach()[:, order] * beta
+                      ).to(device, dtype)
+    bias = bm.bias.detach() * beta
+    blocks, start, offset = [], 0, 0
+    for units, is_dense in zip(classes, dense, strict=True):
+        stop = start + units.numel()
+        if is_dense:
+            rows = dense_rows[offset : offset + units.numel()]
+            offset += units.numel()
+        else:
+            sparse = bm.coupling_rows(units, layout="sparse").detach()
+            r, c = sparse.indices()
+            rows = torch.sparse_coo_tensor(torch.stack([r, position[c]]),
+                                           sparse.values() * beta, sparse.shape,
+                                           check_invariants=True).coalesce().to(device, dtype)
+        blocks.append(ColourBlock(start, stop, rows,
+                                  bias[units].to(device, dtype).unsqueeze(1)))
+        start = stop
+    return order, blocks
+
+
+def colour_gibbs_sweeps(
+    zt: torch.Tensor,
+    blocks: Sequence[ColourBlock],
+    num_sweeps: int,
+    generator: torch.Generator,
+    *,
+    block_bytes: int = BLOCK_BYTES,
+) -> torch.Tensor:
+    """Run `num_sweeps` colour-class block-Gibbs sweeps from `zt`; return the new state.
+
+    The kernel for a `BoltzmannMachine` on any graph, like `gibbs_sweeps` a plain function of
+    tensors on any device (β already folded into `blocks`, from `colour_blocks`). The state is
+    transposed, (units, chains), units in class order, so that each class is a contiguous block
+    of rows, written in place by the comparison. A sweep sets, class by class,
+    z_c = [u < σ(b_c + J[c, :] z)] with fresh uniforms: exact Bernoulli draws from the class's
+    conditional given the current rest. A dense block multiplies only the columns outside its
+    own class (J[c, c] = 0: a complete k-partite model then costs what its couplings cost); a
+    sparse one is a sparse matmul. Uniforms for several sweeps are drawn at once, as in
+    `gibbs_sweeps`. `zt` is left untouched.
+    """
+    if isinstance(num_sweeps, bool) or not isinstance(num_sweeps, int) or num_sweeps < 1:
+        raise ValueError(f"num_sweeps must be an int >= 1, got {num_sweeps!r}")
+    zt = zt.clone()
+    n, chains = zt.shape
+    per_sweep = n * chains
+    block = max(1, min(num_sweeps, block_bytes // max(1, per_sweep * zt.element_size())))
+    storage, uniforms = uniform_buffer(block * per_sweep, zt.dtype, zt.device)
+    uniforms = uniforms.view(block, per_sweep)
+    steps = []  # per class: its state rows, its uniforms, and how to compute its input
+    for b in blocks:
+        u = uniforms[:, b.start * chains : b.stop * chains].unflatten(1, (b.stop - b.start,
+                                                                          chains))
+        parts = [] if b.rows.is_sparse else [
+            (b.rows[:, lo:hi], zt[lo:hi]) for lo, hi in ((0, b.start), (b.stop, n)) if hi > lo]
+        steps.append((b, zt[b.start : b.stop], u, parts, zt.new_empty(b.stop - b.start, chains)))
+    for first in range(0, num_sweeps, block):
+        draw_uniforms(storage, generator)
+        for i in range(min(block, num_sweeps - first)):
+            for b, z_c, u, parts, pre in steps:
+                if b.rows.is_sparse:
+                    pre = torch.sparse.mm(b.rows, zt).add_(b.bias)
+                elif parts:
+                    (rows, rest), *more = parts
+                    torch.addmm(b.bias, rows, rest, out=pre)
+                    for rows, rest in more:
+                        pre.addmm_(rows, rest)
+                else:  # a class coupled to nothing
+                    pre.copy_(b.bias.expand_as(pre))
+                torch.lt(u[i], pre.sigmoid_(), out=z_c)
+            cancel.check()  # a service's wall-time limit or shutdown stops the run here
+    return zt
+
+
+def block_energies(zt: torch.Tensor, blocks: Sequence[ColourBlock]) -> torch.Tensor:
+    """E(z) of each chain (column of `zt`, kernel layout) from blocks built at β = 1. All
+    dense: each coupling counted once, by the class of its lower end (the columns after the
+    class only: a third of a full zᵀJz on a complete 4-partite model). Otherwise each class
+    counts half of each of its couplings."""
+    n, chains = zt.shape
+    all_dense = not any(b.rows.is_sparse for b in blocks)
+    energy = zt.new_zeros(chains)
+    for b in blocks:
+        z_c = zt[b.start : b.stop]
+        energy.sub_((b.bias * z_c).sum(0))
+        if all_dense:
+            if b.stop < n:
+                energy.sub_((z_c * (b.rows[:, b.stop :] @ zt[b.stop :])).sum(0))
+        elif b.rows.is_sparse:
+            energy.sub_(0.5 * (z_c * torch.sparse.mm(b.rows, zt)).sum(0))
+        else:
+            energy.sub_(0.5 * (z_c * (b.rows @ zt)).sum(0))
+    return energy
+
+
+def colour_gibbs_advance(generator: torch.Generator, zt: torch.Tensor,
+                         params: Sequence[ColourBlock], num_sweeps: int
+                         ) -> tuple[torch.Tensor, None]:
+    """`colour_gibbs_sweeps` in the chain shell's shape (the state is also the sample)."""
+    return colour_gibbs_sweeps(zt, params, num_sweeps, generator), None
+
+
+def check_bm_precision(bm: BoltzmannMachine, dtype: torch.dtype, *, backend: str,
+                       beta: float = 1.0) -> None:
+    """`backends.numerics.check_precision` for a BoltzmannMachine: a unit's input is at most
+    β (|b_i| + Σ_j |J_ij|), refused past what `dtype` resolves to within a nat."""
+    coupling = bm.coupling.detach().double().abs()
+    total = bm.bias.detach().double().abs()
+    total = total.index_add(0, bm.edges[:, 0], coupling).index_add(0, bm.edges[:, 1], coupling)
+    m, limit = beta * float(total.max()), precision_limit(dtype)
+    if m <= limit:
+        return
+    name = str(dtype).removeprefix("torch.")
+    fix = ("use dtype='float64'" if dtype != torch.float64 and m <= precision_limit(torch.float64)
+           else "rescale the model (at this scale sampling is a search for the ground state: "
+           "use neal)")
+    raise ValueError(f"{backend}: the BoltzmannMachine's bias/coupling (times beta {beta:g}) "
+                     f"give a unit an input of up to {m:.3g}, beyond {limit:.3g}, where {name} "
+                     f"rounding errors exceed one nat and the samples would be rounding noise; "
+                     f"{fix}")
+
+
 class GibbsOptions(ChainOptions):
     num_sweeps: int = Field(10, ge=1, description="sweeps per call, and between successive "
                             "rounds when num_samples > num_chains")
@@ -146,7 +307,8 @@ class GibbsOptions(ChainOptions):
 class GibbsSampler(ChainSampler):
     """Block Gibbs with persistent chains (options: `GibbsOptions`).
 
-    The chain state is h (kept as "hidden" in checkpoints); `num_sweeps` sweeps per round.
+    For an RBM the chain state is h (kept as "hidden" in checkpoints); for a BoltzmannMachine
+    it is the full z in `variables` order (kept as "states"). `num_sweeps` sweeps per round.
     """
 
     name = "gibbs"
@@ -164,6 +326,95 @@ class GibbsSampler(ChainSampler):
         return float(elem * n_units * (4 * chains + 2 * plan.rounds * chains)
                      + BLOCK_BYTES * 5 / 4)
 
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        # which model the kept chains belong to: "rbm" (state h) or "bm" (state z); a call on
+        # the other kind starts fresh chains even when the state's shape happens to match
+        self._kind = "rbm"
+
+    def reset(self) -> None:
+        super().reset()
+        self._kind = "rbm"
+
+    def state_dict(self) -> dict[str, Any]:
+        """RBM chains: {"hidden", "generator"}; BoltzmannMachine chains: {"states",
+        "generator"} (z in `variables` order)."""
+        state = super().state_dict()
+        if self._kind == "bm":
+            state["states"] = state.pop(self.chain_key)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "states" in state and state.get(self.chain_key) is not None:
+            raise ValueError("sampler state has both 'hidden' (RBM chains) and 'states' "
+                             "(BoltzmannMachine chains); the checkpoint is damaged")
+        kind = "bm" if "states" in state else "rbm"
+        if kind == "rbm":
+            super().load_state_dict(state)
+        else:
+            try:
+                super().load_state_dict({**state, self.chain_key: state["states"]})
+            except ValueError as exc:  # name the key the checkpoint holds
+                raise ValueError(str(exc).replace(f"{self.chain_key!r}", "'states'")) from None
+        self._kind = kind
+
+    def _resume(self, kind: str, shape: tuple[int, int]) -> dict[str, Any] | None:
+        kept = self.chains.resume(shape) if kind == self._kind else None
+        if self.chains.persistent:
+            self._kind = kind
+        return kept
+
+    def _sample_bm(self, bm: BoltzmannMachine, num_samples: int, *, seed: int | None,
+                   timer: Timer) -> SampleSet:
+        """Block Gibbs over the colour classes (see `colour_gibbs_sweeps`), any graph, with the
+        same persistent chains, burn-in and rounds as the RBM kernel; the chain state is z."""
+        if bm.n_edges == 0:  # independent units: exact draws, no chains needed
+            return super()._sample_bm(bm, num_samples, seed=seed, timer=timer)
+        o, chains = self.options, self.chains
+        with timer("preprocess"):
+            check_bm_precision(bm, chains.dtype, backend=self.name, beta=o.beta)
+            gen = chains.generator(seed)
+            order, blocks = colour_blocks(bm, o.beta, chains.device, chains.dtype)
+            order = order.to(chains.device)
+            position = torch.empty_like(order)
+            position[order] = torch.arange(order.numel(), device=order.device)
+            # z[:, order].T is the kernel's layout; a k-partite model's classes are usually
+            # contiguous already, and then the gathers are skipped
+            same = bool(torch.equal(order, torch.arange(order.numel(), device=order.device)))
+            plan = self.plan(num_samples, bm.n_units)
+            kept = self._resume("bm", (plan.n_chains, bm.n_units))
+        with timer("sample"):
+            if kept is None:  # fresh chains from Bernoulli(½), burned in
+                zt = torch.empty(bm.n_units, plan.n_chains, device=chains.device,
+                                 dtype=chains.dtype)
+                zt = torch.bernoulli(zt.fill_(0.5), generator=gen)
+                zt, _, _ = burn_in(colour_gibbs_advance, gen, zt, blocks, o.burn_in)
+            else:
+                z = kept[self.chain_key]
+                zt = (z if same else z[:, order]).T.contiguous()
+            zt, samples = run_rounds(colour_gibbs_advance, gen, zt, blocks, plan.rounds,
+                                     o.num_sweeps)
+            chains.keep(zt.T.contiguous() if same else zt.T[:, position])
+        with timer("postprocess"):
+            states = torch.cat([s.T for s, _ in samples])[:num_samples]
+            states = (states if same else states[:, position]).to(bm.bias.device,
+                                                                   bm.bias.dtype)
+            if o.beta == 1 and states.dtype == chains.dtype and states.device == chains.device:
+                # the blocks hold the model's own parameters: no second matrix to build
+                energy = torch.cat([block_energies(s, blocks) for s, _ in samples])
+                energy = energy[:num_samples]
+            else:
+                energy = bm.sample_energy(states)
+        fresh = kept is None
+        info = {
+            **self.chain_info(plan, fresh),
+            "beta": o.beta,
+            "colour_classes": len(blocks),
+            "spin_updates": plan.steps(o.burn_in, o.num_sweeps, fresh)
+            * plan.n_chains * bm.n_units,
+        }
+        return SampleSet.of_states(states, energy, info)
+
     def _sample(self, rbm: RBM, num_samples: int, *, seed: int | None, timer: Timer) -> SampleSet:
         o, chains = self.options, self.chains
         with timer("preprocess"):
@@ -172,7 +423,7 @@ class GibbsSampler(ChainSampler):
             params = [p.detach().to(chains.device, chains.dtype) * o.beta for p in
                       (rbm.effective_weight(), rbm.visible_bias, rbm.hidden_bias)]
             plan = self.plan(num_samples, rbm.n_units)
-            kept = chains.resume((plan.n_chains, rbm.n_hidden))
+            kept = self._resume("rbm", (plan.n_chains, rbm.n_hidden))
         with timer("sample"):
             if kept is None:  # fresh chains from Bernoulli(½), burned in
                 h0 = torch.empty(plan.n_chains, rbm.n_hidden, device=chains.device,

@@ -4,8 +4,14 @@ The returned sampler speaks dimod: `.sample(bqm, num_reads=N, seed=S)` (and dimo
 `sample_ising` / `sample_qubo`) returns a `dimod.SampleSet` with the BQM's own labels and vartype
 and energies under the BQM, offset included. A bipartite BQM is an RBM (`backends.bqm`), so every
 backend samples it; a BQM with an odd cycle goes to backends that sample general BQMs (`neal`,
-`exact`) and is refused with a clear error by the others. Empty and one-variable BQMs, which have
-no RBM form, are handled here so the sampler passes dimod's own sampler tests.
+`exact`, `dimod`) as it is, to backends with a kernel for any graph (`gibbs`, `dwave`) as a
+`qvae.BoltzmannMachine` (`BoltzmannMachine.from_bqm`, then `Sampler.sample(bm)`), and is refused
+with a clear error by the others (`langevin`, `mala`). Empty and one-variable BQMs, which have no
+RBM form, are handled here so the sampler passes dimod's own sampler tests.
+
+There is no `clamp` parameter: dimod has no standard one, and Ocean fixes variables before
+sampling instead (`bqm.fix_variable(v, value)`, or `dwave.preprocessing.FixVariablesComposite`
+with this sampler as its child), which gives the same exact conditional.
 
 Every call is independent, as in any dimod sampler: the backend's persistent state (Gibbs chains,
 adapted step sizes, a QPU β_eff estimate) is reset first, so the same seed gives the same samples
@@ -29,7 +35,7 @@ import numpy as np
 import torch
 
 from backends.base import check_num_samples, check_seed
-from backends.bqm import NotBipartite, check_bqm, sample_bqm
+from backends.bqm import NotBipartite, check_bqm, sample_bqm, samples_any_graph
 from backends.registry import get_sampler, option_names, sampler_class
 
 __all__ = ["BackendSampler", "as_dimod", "plain"]
@@ -76,6 +82,7 @@ class BackendSampler(dimod.Sampler):
             "backend_option_names": option_names(name),
             "binary": sampler_class(name).capabilities.binary,
             "general_bqm": self._general,
+            "any_graph": samples_any_graph(self.backend),
         }
 
     @property

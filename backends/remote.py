@@ -1,7 +1,8 @@
 """`remote`: sample on a qvae sampler service (`qvae serve`) over HTTP.
 
 The service runs the `target` backend (gibbs, neal, dwave, ...) where the hardware and the
-credentials are. This client sends the RBM and polls jobs. It retries what is safe to retry:
+credentials are. This client sends the model (an RBM, or a BoltzmannMachine on any graph) and
+the clamp, if any, and polls jobs. It retries what is safe to retry:
 connection errors, timeouts, a full queue (429 with Retry-After) and 502/503/504. Every attempt
 of one `sample()` call carries the same Idempotency-Key, so a retried POST never runs (or bills
 the QPU) twice. Energies are recomputed locally. Example, with `qvae serve` running::
@@ -26,6 +27,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any, Literal
 
+import numpy as np
 import orjson
 import torch
 from pydantic import SecretStr, field_validator
@@ -33,6 +35,7 @@ from pydantic import SecretStr, field_validator
 from backends.base import BackendOptions, Sampler, SampleSet, Timer, energies
 from backends.options import Capabilities, Field
 from backends.retry import RetryableResult, call_with_retries
+from qvae.boltzmann import BoltzmannMachine
 from qvae.rbm import RBM
 
 RETRY_STATUS = (502, 503, 504)
@@ -302,6 +305,46 @@ class RemoteSampler(Sampler):
 
     # ---------------------------------------------------------------------- sample
     def _sample(self, rbm: RBM, num_samples: int, *, seed: int | None, timer: Timer) -> SampleSet:
+        return self._remote(rbm, num_samples, None, seed=seed, timer=timer)
+
+    def _sample_bm(self, bm: BoltzmannMachine, num_samples: int, *, seed: int | None,
+                   timer: Timer) -> SampleSet:
+        """The whole BoltzmannMachine goes to the service as a `bm` payload, whatever its graph:
+        the server's `target` decides how to sample it (block Gibbs, the QPU natively, ...) or
+        refuses it (a RemoteError with the server's 422). Not the base's local reduction to an
+        RBM, which would hide the graph (and a QPU-native model's qubit labels) from the
+        server."""
+        return self._remote(bm, num_samples, None, seed=seed, timer=timer)
+
+    def _sample_clamped(self, model: RBM | BoltzmannMachine, num_samples: int,
+                        clamp: dict[int, int], *, seed: int | None,
+                        timer: Timer) -> SampleSet:
+        """The full model and the clamp go to the service, which conditions and samples (the
+        base's default would fold the clamp in here and send the reduced model): one request,
+        the server's own conditional sampler, and samples and energies under the full model
+        whose clamped units are checked to hold their values."""
+        return self._remote(model, num_samples, clamp, seed=seed, timer=timer)
+
+    @staticmethod
+    def _bm_payload(bm: BoltzmannMachine) -> dict[str, Any]:
+        """A `bm` payload: unit-index edges, its own colour classes as `parts` (so the server's
+        block Gibbs visits the same classes in the same order), and its labels when JSON can
+        carry them exactly (ints, strings: a QPU-native model's qubits), else none."""
+        def rows(t: torch.Tensor) -> Any:
+            return t.detach().to("cpu", torch.float64).numpy()
+
+        payload: dict[str, Any] = {
+            "bias": rows(bm.bias), "coupling": rows(bm.coupling),
+            "edges": bm.edges.cpu().numpy().astype(np.int64),
+            "parts": [c.cpu().numpy().astype(np.int64) for c in bm.colour_classes]}
+        labels = [int(v) if isinstance(v, (int, np.integer)) else v for v in bm.variables]
+        if all(isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool))
+               for v in labels):
+            payload["variables"] = labels
+        return payload
+
+    def _remote(self, model: RBM | BoltzmannMachine, num_samples: int,
+                clamp: dict[int, int] | None, *, seed: int | None, timer: Timer) -> SampleSet:
         self._retries = 0
         with timer("preprocess"):
             def rows(t: torch.Tensor) -> Any:  # orjson writes float64 arrays ~10× faster
@@ -309,11 +352,15 @@ class RemoteSampler(Sampler):
 
             body: dict[str, Any] = {
                 "backend": self.target, "num_samples": num_samples,
-                "options": self.target_options,
-                "rbm": {"weight": rows(rbm.effective_weight()),
-                        "visible_bias": rows(rbm.visible_bias),
-                        "hidden_bias": rows(rbm.hidden_bias)},
-                "mode": self.mode}
+                "options": self.target_options, "mode": self.mode}
+            if isinstance(model, RBM):
+                body["rbm"] = {"weight": rows(model.effective_weight()),
+                               "visible_bias": rows(model.visible_bias),
+                               "hidden_bias": rows(model.hidden_bias)}
+            else:
+                body["bm"] = self._bm_payload(model)
+            if clamp:
+                body["clamp"] = {str(k): int(v) for k, v in clamp.items()}
             if seed is not None:
                 body["seed"] = seed % SEED_LIMIT
             if self.return_continuous:
@@ -333,22 +380,28 @@ class RemoteSampler(Sampler):
             else:
                 raise self._error(response)
         with timer("postprocess"):
-            out = self._decode(rbm, num_samples, result)
+            out = self._decode(model, num_samples, result, clamp)
         out.info.update(job_id=job_id, retries=self._retries)
         return out
 
-    def _decode(self, rbm: RBM, num_samples: int, result: dict[str, Any]) -> SampleSet:
-        dtype, device, nv = rbm.weight.dtype, rbm.weight.device, rbm.n_visible
+    def _decode(self, model: RBM | BoltzmannMachine, num_samples: int, result: dict[str, Any],
+                clamp: dict[int, int] | None = None) -> SampleSet:
+        layered = isinstance(model, RBM)
+        param = model.weight if layered else model.bias
+        dtype, device, n = param.dtype, param.device, model.n_units
         try:
             states = torch.tensor(result["samples"], dtype=dtype)
             variables = result.get("variables")
-            if variables is not None and list(variables) != list(range(rbm.n_units)):
-                states = states[:, [list(variables).index(i) for i in range(rbm.n_units)]]
-            if tuple(states.shape) != (num_samples, rbm.n_units):
+            if layered and variables is not None and list(variables) != list(range(n)):
+                states = states[:, [list(variables).index(i) for i in range(n)]]
+            if tuple(states.shape) != (num_samples, n):
                 raise ValueError(f"samples have shape {tuple(states.shape)}, expected "
-                                 f"{(num_samples, rbm.n_units)}")
+                                 f"{(num_samples, n)}")
             if not torch.all((states == 0) | (states == 1)):
                 raise ValueError("samples are not all 0/1")
+            for unit, value in (clamp or {}).items():
+                if not bool(torch.all(states[:, unit] == value)):
+                    raise ValueError(f"clamped unit {unit} does not hold its value {value}")
             continuous = result.get("continuous")
             if continuous is not None:
                 continuous = torch.tensor(continuous, dtype=dtype, device=device)
@@ -356,8 +409,10 @@ class RemoteSampler(Sampler):
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise RemoteError(f"malformed SampleResult from {self.url}: {exc}") from exc
         states = states.to(device)
-        v, h = states[:, :nv], states[:, nv:]
         info["server_timing"] = info.pop("timing", None)
         info.update(backend=self.name, served_by=result.get("served_by"), url=self.url,
                     request_id=result.get("request_id"), target=self.target)
-        return SampleSet(v, h, energies(rbm, v, h), info, continuous=continuous)
+        if not layered:  # columns in unit order, as sent; energies under the full model
+            return SampleSet.of_states(states, model.sample_energy(states), info, continuous)
+        v, h = states[:, :model.n_visible], states[:, model.n_visible:]
+        return SampleSet(v, h, energies(model, v, h), info, continuous=continuous)

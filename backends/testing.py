@@ -1,6 +1,7 @@
 """Conformance suite every backend passes, and pytest helpers to run users' tests on every backend.
 
-The statistical check compares a backend's samples with exact enumeration on small RBMs. For N
+The statistical check compares a backend's samples with exact enumeration on small RBMs (on
+Boltzmann machines and conditionals: the full state z, against `exact_log_probs`). For N
 independent draws over K visible states, the total-variation distance TV = ½ Σ|p̂_k − p_k| has
 E[TV] ≤ ½ Σ_k sqrt(p_k (1 − p_k) / N) (Jensen), and changing one draw moves TV by at most 1/N, so
 McDiarmid gives P(TV > E[TV] + t) ≤ exp(−2 N t²). The tolerance is therefore
@@ -10,12 +11,18 @@ McDiarmid gives P(TV > E[TV] + t) ≤ exp(−2 N t²). The tolerance is therefor
 false-alarm probability ≤ δ (1e-6 by default). Moments use a Bonferroni-corrected z-score.
 MCMC backends pass when each returned sample comes from its own, mixed chain.
 
+Beyond RBMs every backend is checked on a complete 4-partite Boltzmann machine and on a graph with
+odd cycles (`reference_bms`): a backend that samples any graph (`backends.bqm.samples_any_graph`)
+must match enumeration, any other must refuse with NotImplementedError. And conditionals: with
+`clamp=` on an RBM and on BMs, the clamped units hold their values in every sample and the free
+units follow the exact conditional (`check_conditional`).
+
 Use it in your own tests:
 
 >>> from backends.testing import run_conformance
 >>> report = run_conformance("exact", num_samples=4000)   # raises AssertionError on failure
->>> sorted(report)[:2]
-['bad_input', 'distribution']
+>>> sorted(report)[:4]
+['bad_input', 'bm_distribution', 'conditional', 'distribution']
 
 or run your code on every backend with pytest::
 
@@ -37,7 +44,11 @@ import torch
 from scipy.stats import norm
 
 from backends.base import Sampler
+from backends.bqm import samples_any_graph
 from backends.registry import availability, get_sampler, registered, sampler_class
+from qvae.boltzmann import BoltzmannMachine
+from qvae.boltzmann_graphs import from_rbm, multipartite
+from qvae.conditioning import condition
 
 # The exact reference lives in the core (qvae compare uses it too); re-exported for tests.
 from qvae.exact_distribution import (  # noqa: F401
@@ -46,9 +57,14 @@ from qvae.exact_distribution import (  # noqa: F401
     total_variation,
     visible_index,
 )
-from qvae.rbm import RBM
+from qvae.rbm import RBM, states_from_index
 
 SamplerFactory = Callable[[], Sampler]
+
+#: A 9-unit graph with odd cycles: a 5-cycle 0-1-2-3-4 with the chord (0, 2) (so triangles), a
+#: triangle 5-6-7, and edges tying them together; it needs three colours.
+ODD_CYCLE_EDGES = ((0, 1), (1, 2), (2, 3), (3, 4), (0, 4), (0, 2), (5, 6), (6, 7), (5, 7),
+                   (4, 5), (3, 8), (6, 8), (1, 7))
 
 
 # ------------------------------------------------------------------ reference models
@@ -66,6 +82,38 @@ def random_rbm(n_visible: int, n_hidden: int, *, scale: float = 1.0, seed: int =
 def reference_rbms() -> list[RBM]:
     """The small RBMs the suite checks against enumeration (couplings of order 1)."""
     return [random_rbm(6, 4, seed=1), random_rbm(8, 8, seed=2)]
+
+
+def _random_parameters(bm: BoltzmannMachine, scale: float, seed: int) -> BoltzmannMachine:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        bm.coupling.copy_(torch.randn(bm.n_edges, generator=gen) * scale)
+        bm.bias.copy_(torch.randn(bm.n_units, generator=gen) * scale / 2)
+    return bm
+
+
+def odd_cycle_bm(*, scale: float = 1.0, seed: int = 0) -> BoltzmannMachine:
+    """The `ODD_CYCLE_EDGES` graph (9 units, 3 colour classes) with couplings ~ N(0, scale²)
+    and biases ~ N(0, (scale/2)²)."""
+    return _random_parameters(BoltzmannMachine(9, ODD_CYCLE_EDGES), scale, seed)
+
+
+def reference_bms() -> list[BoltzmannMachine]:
+    """The Boltzmann machines the suite checks against enumeration (2^9 states each, couplings
+    of order 1): a complete 4-partite model of parts [3, 2, 2, 2], and `odd_cycle_bm`."""
+    return [_random_parameters(multipartite([3, 2, 2, 2]), 1.0, 3), odd_cycle_bm(seed=4)]
+
+
+def reference_conditionals() -> list[tuple[RBM | BoltzmannMachine, dict[int, int]]]:
+    """(model, clamp) pairs of the conditional check: an RBM with two visible units and one
+    hidden unit clamped; the complete 4-partite model with two units clamped (four colour
+    classes remain); a 3-partite model with one whole part and one more unit clamped (the free
+    units are bipartite, so every backend samples it)."""
+    return [
+        (random_rbm(6, 4, seed=1), {0: 1, 3: 0, 7: 1}),
+        (reference_bms()[0], {0: 1, 3: 0}),
+        (_random_parameters(multipartite([3, 3, 2]), 1.0, 5), {6: 1, 7: 0, 0: 1}),
+    ]
 
 
 def tv_tolerance(p_exact: torch.Tensor, num_samples: int, delta: float = 1e-6) -> float:
@@ -160,6 +208,113 @@ def check_distribution(
     return {"tv": tv, "tv_tolerance": tol, "max_moment_z": worst, "z_limit": z_crit}
 
 
+def _expect_refusal(sampler: Sampler, model: BoltzmannMachine, **kwargs: Any) -> str:
+    """A backend without a kernel for this graph must say so with NotImplementedError."""
+    try:
+        sampler.sample(model, 8, seed=0, **kwargs)
+    except NotImplementedError as exc:
+        assert str(exc), "NotImplementedError without a message"
+        return str(exc)
+    raise AssertionError(
+        f"backend {sampler.name!r} samples bipartite models only (no general_bqm, no _sample_bm "
+        f"kernel) but returned samples of a model with {len(model.colour_classes)} colour "
+        "classes; declare the capability or raise NotImplementedError")
+
+
+def _full_state_stats(states: torch.Tensor, log_p: torch.Tensor, edges: torch.Tensor,
+                      num_samples: int, delta: float, what: str) -> dict[str, float]:
+    """TV of the full state against exp(log_p) (index bit i = unit i), and Bonferroni z-scores
+    of ⟨z_i⟩ and of ⟨z_i z_j⟩ on `edges`."""
+    p = log_p.exp()
+    tv, tol = total_variation(states, p), tv_tolerance(p, num_samples, delta)
+    assert tv <= tol, f"TV {tv:.4f} > tolerance {tol:.4f} for {what} with N={num_samples}"
+    n = states.shape[1]
+    table = all_states(n)
+    z = states.double().cpu()
+    pairs = (edges[:, 0].cpu(), edges[:, 1].cpu())
+    exact = {"z": p @ table, "zz": p @ (table[:, pairs[0]] * table[:, pairs[1]])}
+    empirical = {"z": z.mean(0), "zz": (z[:, pairs[0]] * z[:, pairs[1]]).mean(0)}
+    z_crit = float(norm.isf(delta / (2 * sum(t.numel() for t in exact.values()))))
+    worst = 0.0
+    for key, m in exact.items():
+        if m.numel() == 0:
+            continue
+        # a clamped unit's mean is 1 or 0 up to rounding: keep the variance >= 0
+        sd = torch.sqrt((m * (1 - m)).clamp_min(0) / num_samples).clamp_min(0.5 / num_samples)
+        score = float(((empirical[key] - m).abs() / sd).max())
+        worst = max(worst, score)
+        assert score <= z_crit, f"moment <{key}> off by {score:.1f} sd (limit {z_crit:.1f}) " \
+            f"for {what}"
+    return {"tv": tv, "tv_tolerance": tol, "max_moment_z": worst, "z_limit": z_crit}
+
+
+def all_states(n: int) -> torch.Tensor:
+    """All 2^n states (row k has bit i = unit i), float64: the rows of `exact_log_probs`."""
+    return states_from_index(torch.arange(2**n), n, torch.float64)
+
+
+def check_bm_distribution(
+    make: SamplerFactory, bm: BoltzmannMachine, num_samples: int, *, delta: float = 1e-6,
+    seed: int = 7
+) -> dict[str, Any]:
+    """A BoltzmannMachine's samples: shapes, {0,1} values, energies, and the full-state
+    distribution against enumeration (TV and moments, as `check_distribution`). A backend that
+    samples bipartite models only must instead refuse a non-bipartite one with
+    NotImplementedError ({"refused": message})."""
+    sampler = make()
+    if len(bm.colour_classes) > 2 and not samples_any_graph(sampler):
+        return {"bm": repr(bm), "refused": _expect_refusal(sampler, bm)}
+    out = sampler.sample(bm, num_samples, seed=seed)
+    states = out.states
+    assert not out.layered, "a BoltzmannMachine's samples must have no layers (use .states)"
+    assert tuple(states.shape) == (num_samples, bm.n_units), states.shape
+    assert states.dtype == bm.bias.dtype and not states.requires_grad, states.dtype
+    assert torch.all((states == 0) | (states == 1)), "states not in {0,1}"
+    with torch.no_grad():
+        recomputed = bm.energy(states)
+    err = float((recomputed - out.energy).abs().max())
+    assert err <= 1e-4 * (1 + float(recomputed.abs().max())), f"energy mismatch {err}"
+    stats = _full_state_stats(states, bm.exact_log_probs(), bm.edges, num_samples, delta,
+                              repr(bm))
+    return {"bm": repr(bm), **stats}
+
+
+def check_conditional(
+    make: SamplerFactory, model: RBM | BoltzmannMachine, clamp: dict[int, int],
+    num_samples: int, *, delta: float = 1e-6, seed: int = 11
+) -> dict[str, Any]:
+    """`sample(model, N, clamp=clamp)`: the clamped units hold their values in every sample,
+    energies are under the full model, and the full state follows the exact conditional
+    p(z | z_C = x_C) (TV and moments against enumeration). A backend that samples bipartite
+    models only must refuse a clamp whose free units are not bipartite (NotImplementedError)."""
+    sampler = make()
+    bm = from_rbm(model) if isinstance(model, RBM) else model
+    reduced = condition(bm, clamp).model
+    if reduced is not None and len(reduced.colour_classes) > 2 and not samples_any_graph(sampler):
+        return {"model": repr(model), "refused": _expect_refusal(sampler, bm, clamp=clamp)}
+    out = sampler.sample(model, num_samples, seed=seed, clamp=clamp)
+    states = out.states
+    assert tuple(states.shape) == (num_samples, bm.n_units), states.shape
+    units = torch.tensor(sorted(clamp))
+    values = torch.tensor([float(clamp[k]) for k in sorted(clamp)], dtype=states.dtype)
+    held = (states[:, units].cpu() == values).all(1)
+    assert bool(held.all()), (f"{int((~held).sum())} of {num_samples} samples changed a clamped "
+                              f"unit (clamp={clamp})")
+    assert out.info.get("clamped") == len(clamp), f"info['clamped'] = {out.info.get('clamped')}"
+    with torch.no_grad():
+        recomputed = bm.energy(states)
+    err = float((recomputed - out.energy).abs().max())
+    assert err <= 1e-4 * (1 + float(recomputed.abs().max())), f"energy mismatch {err}"
+    log_p = bm.exact_log_probs()
+    table = all_states(bm.n_units)
+    consistent = (table[:, units] == values.double()).all(1)
+    log_p = torch.where(consistent, log_p, torch.tensor(-math.inf, dtype=log_p.dtype))
+    log_p = log_p - torch.logsumexp(log_p, 0)
+    stats = _full_state_stats(states, log_p, bm.edges, num_samples, delta,
+                              f"{model!r} given clamp={clamp}")
+    return {"model": repr(model), "clamp": dict(clamp), **stats}
+
+
 def run_conformance(
     sampler: str | SamplerFactory,
     *,
@@ -167,15 +322,22 @@ def run_conformance(
     num_samples: int = 20000,
     rbms: Sequence[RBM] | None = None,
     delta: float = 1e-6,
+    bm_samples: int | None = None,
 ) -> dict[str, Any]:
     """Run every check on a backend name (with its `conformance_options`) or a factory.
 
+    `bm_samples`: samples per Boltzmann-machine and conditional check; by default
+    `num_samples`, and a tenth of it (at least 1000) for a continuous backend, whose chains
+    cost ~100x more per sample (the tolerances follow N, so they are looser, not wrong).
     Returns a report; raises AssertionError naming the first failed check.
     """
     make = _factory(sampler, options)
     rbms = list(rbms) if rbms is not None else reference_rbms()
-    report: dict[str, Any] = {"distribution": []}
-    check_shapes(make(), rbms[0])
+    report: dict[str, Any] = {"distribution": [], "bm_distribution": [], "conditional": []}
+    first = make()
+    if bm_samples is None:
+        bm_samples = num_samples if first.binary else max(1000, num_samples // 10)
+    check_shapes(first, rbms[0])
     report["shapes"] = "ok"
     check_energies(make(), rbms[0])
     report["energies"] = "ok"
@@ -186,6 +348,12 @@ def run_conformance(
     for rbm in rbms:
         stats = check_distribution(make, rbm, num_samples, delta=delta)
         report["distribution"].append({"rbm": repr(rbm), **stats})
+    for bm in reference_bms():
+        report["bm_distribution"].append(check_bm_distribution(make, bm, bm_samples,
+                                                               delta=delta))
+    for model, clamp in reference_conditionals():
+        report["conditional"].append(check_conditional(make, model, clamp, bm_samples,
+                                                       delta=delta))
     return report
 
 

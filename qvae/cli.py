@@ -88,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("-n", "--num-samples", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG to write")
+    s.add_argument("--label", type=int, help="class-conditional model: clamp the label units "
+                   "to this class (default: one row per class)")
 
     m = sub.add_parser("compare", help="compare backends on a checkpoint's prior: speed, "
                        "energies, moments, TV, fitted β, plots")
@@ -168,6 +170,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides, backend=args.backend, notes=notes)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
+    if cfg.model.conditional.label_units:
+        from qvae.evaluate import conditional_note
+
+        print(f"note: {conditional_note(cfg)}", file=sys.stderr)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = args.out or Path("runs") / f"{cfg.name}-{cfg.backend.name}-{stamp}"
     result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
@@ -195,6 +201,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"  test ELBO {ev['elbo']:.2f} nats, NLL {ev['nll']:.2f} ± "
               f"{ev['nll_stderr_examples']:.2f} (K={ev['num_iw']}, {ev['num_examples']} examples, "
               f"{logz})")
+        if ev.get("note"):
+            print(f"  note: {ev['note']}")
     print(f"next: qvae evaluate {out} --num-iw 5000   |   qvae sample {out} --backend neal")
     return 0
 
@@ -255,16 +263,38 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import backends
     from qvae import threads
     from qvae.datasets import image_shape
-    from qvae.report import decoded_prior_samples, save_image_grid
+    from qvae.priors import sampling_macs
+    from qvae.report import (
+        class_conditional_grid,
+        decode,
+        decoded_prior_samples,
+        label_clamp,
+        save_image_grid,
+    )
 
     model, cfg, _ = _load_model(args.checkpoint)
-    threads.apply(args.threads, threads.rbm_sampling_macs(
-        model.prior.n_visible, model.prior.n_hidden, args.num_samples))
+    units = int(getattr(model, "label_units", 0))
+    if args.label is not None and not units:
+        raise ValueError("--label needs a class-conditional model (model.conditional)")
+    if args.label is not None and not 0 <= args.label < units:
+        raise ValueError(f"--label {args.label}: the model's classes are 0..{units - 1}")
+    threads.apply(args.threads, sampling_macs(model.prior, args.num_samples))
     sampler = backends.get_sampler(args.backend, **_parse_options(args.option, "--option"))
-    images = decoded_prior_samples(model, sampler, args.num_samples, args.seed)
-    save_image_grid(images, args.out, title=f"decoded prior samples ({args.backend})",
-                    shape=image_shape(cfg.data.dataset, int(images.shape[1])))
-    print(f"wrote {args.out} ({args.num_samples} samples from {args.backend!r})")
+    shape = image_shape(cfg.data.dataset, model.n_pixels)
+    if units and args.label is None:  # one row per class
+        class_conditional_grid(model, sampler, args.out, seed=args.seed,
+                               per_class=max(1, args.num_samples // units), shape=shape)
+        print(f"wrote {args.out} (one row per class, from {args.backend!r})")
+        return 0
+    if args.label is not None:
+        images = decode(model, sampler.sample(model.prior, args.num_samples, seed=args.seed,
+                                              clamp=label_clamp(units, args.label)))
+    else:
+        images = decoded_prior_samples(model, sampler, args.num_samples, args.seed)
+    what = "" if args.label is None else f", class {args.label}"
+    save_image_grid(images, args.out, title=f"decoded prior samples ({args.backend}{what})",
+                    shape=shape)
+    print(f"wrote {args.out} ({args.num_samples} samples from {args.backend!r}{what})")
     return 0
 
 
@@ -289,8 +319,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise SystemExit(f"qvae compare: --option needs BACKEND.KEY=VALUE, got {key!r}")
         backend, opt = key.split(".", 1)
         options.setdefault(backend, {})[opt] = value
-    threads.apply(args.threads, threads.rbm_sampling_macs(
-        model.prior.n_visible, model.prior.n_hidden, args.num_samples))
+    from qvae.priors import sampling_macs
+
+    threads.apply(args.threads, sampling_macs(model.prior, args.num_samples))
     result = compare_backends(model.prior, names, num_samples=args.num_samples, options=options,
                               seed=args.seed, progress=True)
     args.out.mkdir(parents=True, exist_ok=True)

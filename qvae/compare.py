@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
 
 import backends
-from backends.base import SampleSet
+from backends.base import Sampler, SampleSet
+from qvae.boltzmann import BoltzmannMachine
 from qvae.exact_distribution import exact_moments, exact_visible_marginal, total_variation
 from qvae.rbm import RBM
 
@@ -181,7 +182,10 @@ def _errors(stats: dict[str, torch.Tensor], ref: dict[str, Any]) -> dict[str, fl
             "pairwise_rms_error": float(d_vh.pow(2).mean().sqrt())}
 
 
-def summarise(rbm: RBM, out: SampleSet, ref: dict[str, Any], seconds: float) -> dict[str, Any]:
+def summarise(rbm: RBM | BoltzmannMachine, out: SampleSet, ref: dict[str, Any], seconds: float
+              ) -> dict[str, Any]:
+    if isinstance(rbm, BoltzmannMachine):
+        return summarise_bm(rbm, out, ref, seconds)
     stats = moments(out.visible, out.hidden)
     row: dict[str, Any] = {
         "num_samples": len(out),
@@ -219,11 +223,13 @@ def summarise(rbm: RBM, out: SampleSet, ref: dict[str, Any], seconds: float) -> 
 DEFAULT_BACKENDS = ("exact", "gibbs", "neal")
 
 
-def cannot_run(name: str, sampler: Any, rbm: RBM) -> str | None:
+def cannot_run(name: str, sampler: Any, rbm: RBM | BoltzmannMachine) -> str | None:
     """Why backend `name` cannot sample `rbm` here (None when it can), known before sampling."""
     ok, reason = type(sampler).availability()
     if not ok:
         return reason
+    if isinstance(rbm, BoltzmannMachine):
+        return _cannot_run_bm(name, sampler, rbm)
     max_states = getattr(sampler, "max_states", None)
     n_small = min(rbm.n_visible, rbm.n_hidden)
     if name == "exact" and max_states is not None and 2**n_small > max_states:
@@ -232,7 +238,7 @@ def cannot_run(name: str, sampler: Any, rbm: RBM) -> str | None:
     return None
 
 
-def default_backends(rbm: RBM) -> tuple[list[str], list[str]]:
+def default_backends(rbm: RBM | BoltzmannMachine) -> tuple[list[str], list[str]]:
     """(names, notes): DEFAULT_BACKENDS less those that cannot run on `rbm`, each with a note."""
     names, notes = [], []
     for name in DEFAULT_BACKENDS:
@@ -245,7 +251,7 @@ def default_backends(rbm: RBM) -> tuple[list[str], list[str]]:
 
 
 def compare_backends(
-    rbm: RBM,
+    rbm: RBM | BoltzmannMachine,
     names: list[str],
     *,
     num_samples: int = 1000,
@@ -255,7 +261,8 @@ def compare_backends(
     progress: bool = False,
     heartbeat_s: float = HEARTBEAT_S,
 ) -> dict[str, Any]:
-    """Draw `num_samples` from each backend and score them against the reference."""
+    """Draw `num_samples` from each backend and score them against the reference (an RBM
+    prior, or a BoltzmannMachine's: see `reference_bm`, `summarise_bm`)."""
     rbm.validate()
     options = options or {}
     unknown = sorted(set(options) - set(names))
@@ -271,7 +278,8 @@ def compare_backends(
         return heartbeat(what, heartbeat_s) if progress else _quiet()
 
     with watched("reference"):
-        ref = reference(rbm, num_samples=reference_samples, seed=seed)
+        ref = (reference_bm if isinstance(rbm, BoltzmannMachine) else reference)(
+            rbm, num_samples=reference_samples, seed=seed)
     results: dict[str, Any] = {}
     samples: dict[str, SampleSet] = {}
     for name, sampler in samplers.items():
@@ -280,16 +288,122 @@ def compare_backends(
             out = sampler.sample(rbm, num_samples, seed=seed)
         results[name] = summarise(rbm, out, ref, time.perf_counter() - start)
         samples[name] = out
+    shape = ({"n_units": rbm.n_units, "n_edges": rbm.n_edges,
+              "colour_classes": len(rbm.colour_classes)} if isinstance(rbm, BoltzmannMachine)
+             else {"n_visible": rbm.n_visible, "n_hidden": rbm.n_hidden})
     return {"reference": ref["kind"], "reference_means": ref["mean"].tolist(),
             "reference_mean_energy": ref["mean_energy"],
-            "reference_mean_energy_se": ref["mean_energy_se"],
-            "n_visible": rbm.n_visible, "n_hidden": rbm.n_hidden,
+            "reference_mean_energy_se": ref["mean_energy_se"], **shape,
             "threads": torch.get_num_threads(), "backends": results, "_samples": samples}
 
 
 @contextmanager
 def _quiet() -> Iterator[None]:
     yield
+
+
+# ------------------------------------------------- a Boltzmann-machine prior (any graph)
+#: What `compare` says instead of an RBM-only statistic for a BoltzmannMachine prior.
+NOT_DEFINED = "not defined for this prior"
+
+
+def moments_bm(bm: BoltzmannMachine, states: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Unit means and the pairwise moments ⟨z_i z_j⟩ over the model's couplers (its edges;
+    for an RBM these would be all visible–hidden pairs), under key "vh" as for the RBM."""
+    z = states.double().cpu()
+    i, j = bm.edges[:, 0].cpu(), bm.edges[:, 1].cpu()
+    return {"mean": z.mean(0), "vh": (z[:, i] * z[:, j]).mean(0)}
+
+
+def reference_bm(bm: BoltzmannMachine, *, num_samples: int, seed: int) -> dict[str, Any]:
+    """Exact moments and the full-state distribution when the model has at most
+    EXACT_REFERENCE_UNITS units, else moments of a long persistent-Gibbs run."""
+    if bm.n_units <= EXACT_REFERENCE_UNITS:
+        from qvae.rbm import enumerate_states
+
+        p = bm.exact_log_probs().exp()
+        states = enumerate_states(bm.n_units, 0, 2**bm.n_units, torch.float64)
+        i, j = bm.edges[:, 0].cpu(), bm.edges[:, 1].cpu()
+        energy = bm.float64_copy().energy(states).detach()
+        return {"kind": "exact", "mean": p @ states, "vh": p @ (states[:, i] * states[:, j]),
+                "p_states": p, "mean_energy": float(p @ energy), "mean_energy_se": 0.0}
+    chains = min(num_samples, 2000)
+    sampler = backends.get_sampler("gibbs", num_chains=chains, burn_in=2000, num_sweeps=20)
+    out = sampler.sample(bm, num_samples, seed=seed)
+    energies = out.energy.double().cpu()
+    return {"kind": f"gibbs ({num_samples} samples, burn-in 2000, 20 sweeps apart)",
+            **moments_bm(bm, out.states), "mean_energy": float(energies.mean()),
+            "mean_energy_se": float(energies.std() / math.sqrt(chains))}
+
+
+@torch.no_grad()
+def fit_beta_interval_bm(
+    bm: BoltzmannMachine, states: torch.Tensor, level: float = 0.95
+) -> tuple[float, float, float]:
+    """`fit_beta_interval` for any graph: β maximising Σ_u log p_β(z_u | the rest) (each
+    unit's full conditional under exp(−β E)), with its sandwich-variance interval."""
+    model = bm.float64_copy()
+    z = states.double().cpu().to(model.bias.device)
+    a = model.local_field(z)
+
+    def neg_pl(beta: float) -> float:
+        return -float((z * beta * a - F.softplus(beta * a)).sum()) / len(z)
+
+    beta = float(minimize_scalar(neg_pl, bounds=(1e-3, 50.0), method="bounded").x)
+    p = torch.sigmoid(beta * a)
+    score = (a * (z - p)).sum(1)
+    curvature = float((a**2 * p * (1 - p)).sum(1).mean())
+    if len(z) < 2 or curvature <= 0:
+        return beta, -math.inf, math.inf
+    se = math.sqrt(float(score.var()) / len(z)) / curvature
+    q = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + level / 2)))
+    return beta, beta - q * se, beta + q * se
+
+
+def summarise_bm(bm: BoltzmannMachine, out: SampleSet, ref: dict[str, Any], seconds: float
+                 ) -> dict[str, Any]:
+    """`summarise` for a BoltzmannMachine prior: moments over units and couplers, TV over the
+    full state (exact reference only), fitted β from the full conditionals. The RBM-only
+    parts (the relaxation's continuous states) are marked NOT_DEFINED."""
+    stats = moments_bm(bm, out.states)
+    energies = out.energy.double().cpu()
+    row: dict[str, Any] = {
+        "num_samples": len(out),
+        "wall_s": seconds,
+        "samples_per_s": len(out) / seconds if seconds > 0 else math.inf,
+        "mean_energy": float(energies.mean()),
+        "mean_energy_se": float(energies.std() / math.sqrt(len(out))) if len(out) > 1 else 0.0,
+        **_errors(stats, ref),
+        "means": stats["mean"].tolist(),
+        "energies": energies.tolist(),
+        "info": {k: v for k, v in out.info.items() if isinstance(v, (int, float, str, dict))},
+    }
+    if "p_states" in ref:
+        p = ref["p_states"]
+        row["tv_visible"] = total_variation(out.states, p)  # over the full state here
+        row["tv_noise_floor"], row["tv_noise_floor_q99"] = tv_noise_floor(p, len(out))
+    if out.continuous is not None:
+        row["continuous"] = NOT_DEFINED + " (the relaxation's continuous states are the RBM's)"
+    row["beta_fit"], *ci = fit_beta_interval_bm(bm, out.states)
+    row["beta_fit_ci"] = ci
+    row["warnings"] = mixing_warnings(row, ref)
+    return row
+
+
+def _cannot_run_bm(name: str, sampler: Any, bm: BoltzmannMachine) -> str | None:
+    """Why a backend cannot sample this Boltzmann machine, known before sampling."""
+    if name == "exact":
+        max_states = getattr(sampler, "max_states", None)
+        enumerated = bm.n_units - int(torch.bincount(bm.colour).max())
+        if max_states is not None and 2**enumerated > max_states:
+            return (f"it would enumerate 2^{enumerated} states (the units outside the largest "
+                    f"colour class), over max_states={max_states}")
+    general = (type(sampler)._sample_bm is not Sampler._sample_bm
+               or sampler.capabilities.general_bqm)
+    if len(bm.colour_classes) > 2 and not general:
+        return (f"it samples RBMs and bipartite models, not this prior's "
+                f"{len(bm.colour_classes)} colour classes")
+    return None
 
 
 def table(result: dict[str, Any]) -> str:
@@ -308,7 +422,9 @@ def table(result: dict[str, Any]) -> str:
                  if c in shown else f"{'-':>18s}" for c in cols]
         lines.append(f"{name:10s} " + " ".join(cells))
         warned += [f"warning: {name}: {w}" for w in row.get("warnings", [])]
-        if "continuous" in row:
+        if isinstance(row.get("continuous"), str):  # a statistic this prior does not define
+            lines.append(f"{'  (cont.)':10s} {row['continuous']}")
+        elif "continuous" in row:
             c = row["continuous"]
             lines.append(f"{'  (cont.)':10s} {'':>18s} {'':>18s} {c['mean_energy']:18.4g} "
                          f"{'':>18s} {'':>18s} {c['mean_rms_error']:18.4g} "

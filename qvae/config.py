@@ -30,9 +30,106 @@ MIN_TAU = 1e-3
 
 
 class DataConfig(Strict):
-    dataset: str = Field("mnist", description="'mnist' (shipped) or a path to .npy/.npz/dir")
+    dataset: str = Field("mnist", description="'mnist' (shipped), 'mnist-labelled' (the "
+                         "shipped MNIST test images with one-hot labels, for model.conditional) "
+                         "or a path to .npy/.npz/dir")
     batch_size: int = Field(100, ge=1, le=100_000, description="training minibatch size")
     eval_batch_size: int = Field(100, ge=1, description="batch size for evaluation")
+
+
+class PriorConfig(Strict):
+    """The prior's graph over the latent units z (model.n_visible + model.n_hidden of them):
+    `rbm`, the bipartite default (model.n_visible × model.n_hidden), or a Boltzmann machine on
+    another graph (`qvae.boltzmann_graphs`): `multipartite` (k parts, couplers only between
+    parts) or `qpu_native` (partitions of a QPU's own qubits and couplers)."""
+
+    kind: Literal["rbm", "multipartite", "qpu_native"] = Field(
+        "rbm", description="rbm (bipartite n_visible × n_hidden), multipartite or qpu_native"
+    )
+    sizes: list[int] | None = Field(
+        None, description="multipartite: the part sizes, summing to the latent units "
+        "(n_visible + n_hidden); or give model.prior.parts"
+    )
+    parts: int | None = Field(
+        None, ge=2, le=64, description="multipartite: this many equal parts (must divide the "
+        "latent units); exclusive with sizes"
+    )
+    density: float = Field(1.0, gt=0, le=1, description="multipartite: fraction of the "
+                           "inter-part couplers kept (1: complete k-partite)")
+    init_scale: float = Field(0.01, ge=0, le=10, description="multipartite/qpu_native: "
+                              "initial coupling std")
+    graph: Literal["topology", "backend"] = Field(
+        "topology", description="qpu_native: the hardware graph: 'topology' "
+        "(dwave.graphs' topology × shape, no QPU needed) or 'backend' (the dwave backend's "
+        "solver graph: the QPU's, or its emulator's topology)"
+    )
+    topology: Literal["chimera", "pegasus", "zephyr"] | None = Field(
+        None, description="qpu_native with graph=topology: chimera, pegasus or zephyr"
+    )
+    shape: int | list[int] | None = Field(
+        None, description="qpu_native with graph=topology: the topology's size, e.g. 6 "
+        "(Pegasus P6) or [4, 4, 4] (Chimera)"
+    )
+    partitions: int = Field(4, ge=2, le=64, description="qpu_native: partitions of the qubits "
+                            "(they must divide the latent units: that many qubits each)")
+
+    @field_validator("sizes")
+    @classmethod
+    def _sizes(cls, sizes: list[int] | None) -> list[int] | None:
+        if sizes is not None and (len(sizes) < 2 or any(s < 1 for s in sizes)):
+            raise ValueError(f"sizes must list at least two part sizes >= 1, got {sizes}")
+        return sizes
+
+    @field_validator("shape")
+    @classmethod
+    def _shape(cls, shape: int | list[int] | None) -> int | list[int] | None:
+        dims = [shape] if isinstance(shape, int) else shape
+        if dims is not None and (not dims or any(d < 1 or d > 64 for d in dims)):
+            raise ValueError(f"shape must be an int or a list of ints in 1..64, got {shape}")
+        return shape
+
+    def check_units(self, n_latent: int) -> None:
+        """ValueError naming the field when this prior does not cover `n_latent` units."""
+        fields = {"multipartite": ("sizes", "parts", "density"),
+                  "qpu_native": ("graph", "topology", "shape", "partitions")}
+        stray = [f"model.prior.{key}" for kind, keys in fields.items() if kind != self.kind
+                 for key in keys if getattr(self, key) != type(self).model_fields[key].default]
+        # (compared with the defaults, not `model_fields_set`: a saved config sets every key)
+        if stray:
+            raise ValueError(f"{stray} do not apply to model.prior.kind={self.kind!r}; "
+                             "remove them")
+        if self.kind == "multipartite":
+            if (self.sizes is None) == (self.parts is None):
+                raise ValueError("model.prior.kind=multipartite needs one of model.prior.sizes "
+                                 "(e.g. [50, 50, 50, 50]) and model.prior.parts (e.g. 4)")
+            if self.sizes is not None and sum(self.sizes) != n_latent:
+                raise ValueError(f"model.prior.sizes {self.sizes} sum to {sum(self.sizes)}, "
+                                 f"not the {n_latent} latent units (model.n_visible + "
+                                 "model.n_hidden)")
+            if self.parts is not None and n_latent % self.parts:
+                raise ValueError(f"model.prior.parts={self.parts} must divide the {n_latent} "
+                                 "latent units (model.n_visible + model.n_hidden)")
+        if self.kind == "qpu_native":
+            if n_latent % self.partitions:
+                raise ValueError(f"model.prior.partitions={self.partitions} must divide the "
+                                 f"{n_latent} latent units (model.n_visible + model.n_hidden)")
+            if self.graph == "topology" and (self.topology is None or self.shape is None):
+                raise ValueError("model.prior.kind=qpu_native with graph=topology needs "
+                                 "model.prior.topology and model.prior.shape (e.g. pegasus, 6)")
+            if self.graph == "backend" and (self.topology is not None or self.shape is not None):
+                raise ValueError("model.prior.graph=backend takes the dwave backend's solver "
+                                 "graph: set its topology with backend.options.topology / "
+                                 "topology_shape, not model.prior.topology / shape")
+
+
+class ConditionalConfig(Strict):
+    """Class-conditional mode: label units of the prior set from each example's label."""
+
+    label_units: int = Field(
+        0, ge=0, le=1024, description="one-hot label units: the first label_units latent "
+        "units, set to each example's label (the data's last label_units columns) instead of "
+        "inferred (0: off)"
+    )
 
 
 class ModelConfig(Strict):
@@ -55,6 +152,8 @@ class ModelConfig(Strict):
         "q(z|x) = Π_g q(z_g|x, z_<g); must divide n_visible + n_hidden (1: factorial)"
     )
     batch_norm: bool = Field(False, description="dvae: batch norm after each hidden layer")
+    prior: PriorConfig = Field(default_factory=PriorConfig)
+    conditional: ConditionalConfig = Field(default_factory=ConditionalConfig)
 
     @field_validator("encoder_hidden", "decoder_hidden", "control_hidden")
     @classmethod
@@ -73,6 +172,14 @@ class ModelConfig(Strict):
             )
         if self.kind == "sde" and (self.groups != 1 or self.batch_norm):
             raise ValueError("model.groups and model.batch_norm apply to kind=dvae only")
+        if self.kind == "sde" and (self.prior.kind != "rbm" or self.conditional.label_units):
+            raise ValueError("model.prior.kind other than rbm and model.conditional apply to "
+                             "kind=dvae only (the SDE-VAE's prior path relaxes an RBM)")
+        self.prior.check_units(n)
+        if self.conditional.label_units >= n:
+            raise ValueError(f"model.conditional.label_units={self.conditional.label_units} "
+                             f"must be below the {n} latent units (the label units are "
+                             "the first of them)")
         return self
 
 
@@ -248,6 +355,20 @@ class Config(Strict):
     backend: BackendConfig = Field(default_factory=BackendConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _prior_graph_source(self) -> Config:
+        if self.model.conditional.label_units and self.data.dataset.lower() == "mnist":
+            raise ValueError("model.conditional needs labelled data: the shipped 'mnist' has no "
+                             "labels; use data.dataset=mnist-labelled (or your own rows with "
+                             "one-hot label columns appended)")
+        prior = self.model.prior
+        if prior.kind == "qpu_native" and prior.graph == "backend" and (
+                _sampling_backend(self.backend.model_dump()) != "dwave"):
+            raise ValueError("model.prior.graph=backend takes the dwave backend's solver graph, "
+                             f"but backend.name is {self.backend.name!r}: use backend dwave "
+                             "(its emulator needs no QPU) or model.prior.graph=topology")
+        return self
 
     @field_validator("device")
     @classmethod
@@ -435,13 +556,16 @@ def switch_backend(raw: dict[str, Any], name: str, overrides: list[str]) -> list
 
 def describe() -> str:
     """Every config key with its type, default and description (for --help and the README)."""
-    lines = []
-    for section, field in Config.model_fields.items():
-        sub = field.annotation
-        if isinstance(sub, type) and issubclass(sub, BaseModel):
-            for key, f in sub.model_fields.items():
-                default = f.default if f.default_factory is None else f.default_factory()
-                lines.append(f"{section}.{key} = {default!r}  {f.description or ''}".rstrip())
-        else:
-            lines.append(f"{section} = {field.default!r}  {field.description or ''}".rstrip())
+    lines: list[str] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for key, f in model.model_fields.items():
+            sub = f.annotation
+            if isinstance(sub, type) and issubclass(sub, BaseModel):  # a subsection
+                walk(sub, f"{prefix}{key}.")
+                continue
+            default = f.default if f.default_factory is None else f.default_factory()
+            lines.append(f"{prefix}{key} = {default!r}  {f.description or ''}".rstrip())
+
+    walk(Config, "")
     return "\n".join(lines)

@@ -30,6 +30,18 @@ NPZ_KEYS = ("x", "X", "data")
 
 _MNIST_CACHE: dict[str, torch.Tensor] = {}
 
+#: The labelled data set of the class-conditional mode (`model.conditional`): the MNIST test
+#: images with their labels (the only shipped split that has them).
+LABELLED_MNIST = "mnist-labelled"
+#: The MNIST test set's class counts: the shipped test split is sorted by label, so digit k
+#: is rows sum(counts[:k]) .. sum(counts[:k+1]) - 1 (checked in tests/test_bm_priors.py).
+MNIST_TEST_CLASS_COUNTS = (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009)
+#: Examples of the labelled set that train; the other 1,000 are its valid and test splits.
+LABELLED_TRAIN = 9000
+#: Seed of the labelled set's one fixed train/held-out split (not the run's seed, so every run
+#: holds out the same 1,000 images).
+LABELLED_SPLIT_SEED = 0
+
 
 def _check_split(split: str) -> None:
     if split not in SPLITS:
@@ -56,6 +68,29 @@ def load_mnist(split: str) -> torch.Tensor:
             bits = np.unpackbits(f[split], axis=1, count=int(f["n_pixels"]))
         _MNIST_CACHE[split] = torch.from_numpy(bits)
     return _MNIST_CACHE[split].to(torch.float32)
+
+
+def mnist_test_labels() -> torch.Tensor:
+    """The digit (int64, 0-9) of each row of the shipped MNIST test split (sorted by label)."""
+    return torch.repeat_interleave(torch.arange(10), torch.tensor(MNIST_TEST_CLASS_COUNTS))
+
+
+def load_labelled_mnist(split: str) -> torch.Tensor:
+    """The MNIST test images with one-hot labels: float32 (N, 784 + 10), each row its pixels
+    then its label. One fixed seeded split: 'train' 9,000 images, 'valid' and 'test' the same
+    other 1,000 (there is no further labelled data shipped). These are MNIST's *test* images:
+    an NLL on them is not comparable with the unconditional table.
+
+    >>> x = load_labelled_mnist("valid")
+    >>> tuple(x.shape), bool((x[:, 784:].sum(1) == 1).all())
+    ((1000, 794), True)
+    """
+    _check_split(split)
+    x = load_mnist("test")
+    onehot = torch.nn.functional.one_hot(mnist_test_labels(), 10).to(x.dtype)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(LABELLED_SPLIT_SEED))
+    rows = order[:LABELLED_TRAIN] if split == "train" else order[LABELLED_TRAIN:]
+    return torch.cat([x, onehot], 1)[rows]
 
 
 def _read(path: Path) -> np.ndarray:
@@ -119,7 +154,8 @@ def load_array(path: str | Path) -> torch.Tensor:
 
 
 def load_dataset(name_or_path: str | Path, split: str) -> torch.Tensor:
-    """``"mnist"`` -> shipped MNIST; a file -> all of it as "train"; a directory -> its split.
+    """``"mnist"`` -> shipped MNIST; ``"mnist-labelled"`` -> `load_labelled_mnist`; a file ->
+    all of it as "train"; a directory -> its split.
 
     A directory must hold ``train.npy`` / ``valid.npy`` / ``test.npy`` (or ``.npz``).
     A single file only has a "train" split.
@@ -130,6 +166,8 @@ def load_dataset(name_or_path: str | Path, split: str) -> torch.Tensor:
     _check_split(split)
     if str(name_or_path).lower() == "mnist":
         return load_mnist(split)
+    if str(name_or_path).lower() == LABELLED_MNIST:
+        return load_labelled_mnist(split)
     path = Path(name_or_path)
     if path.is_dir():
         for suffix in (".npy", ".npz"):
@@ -204,7 +242,7 @@ def image_shape(name_or_path: str | Path, n_pixels: int) -> tuple[int, int]:
     >>> image_shape("mnist", 784)
     (28, 28)
     """
-    if str(name_or_path).lower() == "mnist":
+    if str(name_or_path).lower() in ("mnist", LABELLED_MNIST):
         return 28, 28
     path = Path(name_or_path)
     if path.is_dir():

@@ -20,11 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qvae.boltzmann import BoltzmannMachine
 from qvae.networks import (
     ACTIVATIONS,
     PixelInput,
     apply_mlp,
     check_count,
+    check_pixels,
     check_positive,
     costs_no_sync,
     init_output_bias,
@@ -65,6 +67,29 @@ def _check_input_shape(shape: Sequence[int] | None, n_pixels: int) -> tuple[int,
     return dims
 
 
+def _check_prior(
+    prior: BoltzmannMachine | dict[str, Any] | None, n_latent: int, mask: Any
+) -> BoltzmannMachine | None:
+    """The Boltzmann-machine prior given (a model, or the plain-data `structure` a checkpoint
+    holds), checked to cover the n_visible + n_hidden latent units; None: the RBM."""
+    if prior is None:
+        return None
+    if mask is not None:
+        raise ValueError("rbm_mask restricts the RBM prior; a BoltzmannMachine prior has its "
+                         "own graph: leave rbm_mask out")
+    if isinstance(prior, dict):
+        from qvae.priors import from_structure
+
+        prior = from_structure(prior)
+    if not isinstance(prior, BoltzmannMachine):
+        raise TypeError(f"prior must be a qvae.BoltzmannMachine (or None for the RBM), got "
+                        f"{type(prior).__name__}")
+    if prior.n_units != n_latent:
+        raise ValueError(f"the prior has {prior.n_units} units but the latent space has "
+                         f"{n_latent} (n_visible + n_hidden); they must match")
+    return prior
+
+
 def _require_log_z(log_z: float | None) -> float:
     if log_z is None:
         raise ValueError("the DVAE's bounds subtract log Z of its prior: pass its estimate "
@@ -83,8 +108,15 @@ class DVAE(PixelInput, nn.Module):
     n_pixels per example): `encoder=`, `decoder=`. They are checked at construction by one
     batch of two, and a checkpoint cannot rebuild them (see `custom_modules`).
 
-    Implements `qvae.model.LatentVariableModel`: `log_z_prior()` is the RBM prior, whose
+    Implements `qvae.model.LatentVariableModel`: `log_z_prior()` is the prior, whose
     negative phase training samples and whose log Z evaluation estimates.
+
+    `prior=`: a `qvae.BoltzmannMachine` over the n_visible + n_hidden latent units (z in its
+    `variables` order; e.g. `qvae.boltzmann_graphs.multipartite`) instead of the RBM; it enters
+    the bounds only through its energy. `label_units=L`: the class-conditional mode: each data
+    row is n_pixels pixels then a one-hot label of L values, the first L latent units are set
+    to that label (observed, not inferred: log q leaves them out), and the encoder reads the
+    whole row; the bounds are then bounds on log p(x, label).
 
     >>> import torch
     >>> m = DVAE(n_pixels=8, n_visible=3, n_hidden=2, encoder_hidden=[16], decoder_hidden=[16],
@@ -115,11 +147,25 @@ class DVAE(PixelInput, nn.Module):
         encoder: nn.Module | None = None,
         decoder: nn.Module | None = None,
         input_shape: Sequence[int] | None = None,
+        prior: BoltzmannMachine | dict[str, Any] | None = None,
+        label_units: int = 0,
     ) -> None:
         super().__init__()
         check_count(n_pixels, "n_pixels")
         check_count(groups, "groups")
         n_latent = n_visible + n_hidden
+        bm = _check_prior(prior, n_latent, rbm_mask)
+        if isinstance(label_units, bool) or not isinstance(label_units, int) or not (
+                0 <= label_units < n_latent):
+            raise ValueError(f"label_units must be an int in [0, {n_latent}) (the first latent "
+                             f"units), got {label_units!r}")
+        if label_units and (encoder is not None or input_shape is not None):
+            raise ValueError("label_units (the class-conditional mode) works with the built-in "
+                             "MLP encoder on flat inputs: leave encoder and input_shape out")
+        #: One-hot label units: z[..., :label_units] is set to the example's label, read from
+        #: the last label_units columns of each data row (the class-conditional mode).
+        self.label_units = label_units
+        n_in = n_pixels + label_units  # the encoder reads the image and its label
         self.input_shape = _check_input_shape(input_shape, n_pixels)
         custom = {name: net for name, net in (("encoder", encoder), ("decoder", decoder))
                   if net is not None}
@@ -161,10 +207,10 @@ class DVAE(PixelInput, nn.Module):
             if "encoder" in custom:
                 self.encoder: nn.Module = custom["encoder"]
             elif groups == 1:  # the factorial posterior: one network (state-dict keys unchanged)
-                self.encoder = mlp([n_pixels, *enc, n_latent], activation, batch_norm)
+                self.encoder = mlp([n_in, *enc, n_latent], activation, batch_norm)
             else:  # group g's network reads x and the samples of groups 0..g-1
                 self.encoder = nn.ModuleList(
-                    mlp([n_pixels + g * size, *enc, size], activation, batch_norm)
+                    mlp([n_in + g * size, *enc, size], activation, batch_norm)
                     for g in range(groups)
                 )
             self.decoder = (custom["decoder"] if "decoder" in custom
@@ -173,7 +219,12 @@ class DVAE(PixelInput, nn.Module):
         #: weights, never code), so load_model refuses such a run with what to do instead.
         self.custom_modules = {name: f"{type(net).__module__}.{type(net).__qualname__}"
                                for name, net in custom.items()}
-        self.prior = RBM(n_visible, n_hidden, mask=rbm_mask, init_std=rbm_init_std, seed=seed)
+        #: The prior over z: the RBM on z = [v, h], or a BoltzmannMachine over z in its
+        #: `variables` order (`model.prior`: multipartite, qpu_native).
+        self.prior: RBM | BoltzmannMachine = (
+            RBM(n_visible, n_hidden, mask=rbm_mask, init_std=rbm_init_std, seed=seed)
+            if bm is None else bm)
+        self._n_visible, self._n_hidden = n_visible, n_hidden
         if pixel_mean is not None:
             init_output_bias(self.decoder, pixel_mean, n_pixels)
         if custom:
@@ -183,21 +234,35 @@ class DVAE(PixelInput, nn.Module):
     def n_latent(self) -> int:
         return self.prior.n_units
 
+    @property
+    def n_inputs(self) -> int:
+        """Values per data row: the pixels, then the one-hot label (label_units > 0)."""
+        return self.n_pixels + self.label_units
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return next(self.prior.parameters()).dtype
+
     def config_dict(self) -> dict[str, Any]:
         """Constructor arguments (plain Python values) to rebuild the model; load the state dict
         for the weights. The mask, if any, is stored as nested lists; pixel_mean only initialises
         a bias that the state dict holds, so it is left out. Networks passed in as `encoder` /
         `decoder` are not arguments any config can rebuild: `custom_modules` names them, and
         the trainer's checkpoint records it so that qvae.checkpoint.load_model says so."""
-        mask = self.prior.mask
+        from qvae.priors import structure
+
+        bm = isinstance(self.prior, BoltzmannMachine)
+        mask = None if bm else self.prior.mask
         return {
-            "n_pixels": self.n_pixels, "n_visible": self.prior.n_visible,
-            "n_hidden": self.prior.n_hidden, "encoder_hidden": list(self.encoder_hidden),
+            "n_pixels": self.n_pixels, "n_visible": self._n_visible,
+            "n_hidden": self._n_hidden, "encoder_hidden": list(self.encoder_hidden),
             "decoder_hidden": list(self.decoder_hidden), "activation": self.activation,
             "rbm_init_std": self.rbm_init_std,
             "rbm_mask": None if mask is None else mask.int().tolist(), "seed": self.seed,
             "groups": self.groups, "batch_norm": self.batch_norm,
             "input_shape": None if self.input_shape is None else list(self.input_shape),
+            "prior": structure(self.prior) if bm else None,
+            "label_units": self.label_units,
         }
 
     def _dry_run(self) -> None:
@@ -246,7 +311,46 @@ class DVAE(PixelInput, nn.Module):
         return self.encoder(self._shaped(x))
 
     # ------------------------------------------------------------------ checks
-    def log_z_prior(self) -> RBM:
+    def check_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x (batch, n_inputs): pixels in [0, 1], then (label_units > 0) a one-hot label; in
+        the model's dtype (the trainer checks its data set once, here, before the first step)."""
+        return self._check_x(x)
+
+    def _check_x(self, x: torch.Tensor, values: bool = True) -> torch.Tensor:
+        x = check_pixels(x, self.n_inputs, self._dtype, values=values)
+        if self.label_units and values:
+            labels = x[:, self.n_pixels:]
+            if not bool(((labels == 0) | (labels == 1)).all() & (labels.sum(1) == 1).all()):
+                raise ValueError(
+                    f"a class-conditional model (label_units={self.label_units}) reads each "
+                    f"row as {self.n_pixels} pixels then a one-hot label of "
+                    f"{self.label_units} values; some rows' last {self.label_units} values "
+                    "are not one-hot (use data.dataset mnist-labelled, or append one-hot "
+                    "labels to your data)")
+        return x
+
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(pixels, one-hot labels or None) of checked data rows."""
+        if not self.label_units:
+            return x, None
+        return x[..., : self.n_pixels], x[..., self.n_pixels :]
+
+    def _set_labels(self, z: torch.Tensor, labels: torch.Tensor | None, start: int
+                    ) -> torch.Tensor:
+        """z (..., B, k) holding units start..start+k-1, with the label units among them set to
+        `labels` (B, label_units): the label units' posterior is the observed label."""
+        stop = min(self.label_units, start + z.shape[-1])
+        if labels is None or start >= stop:
+            return z
+        z = z.clone()
+        z[..., : stop - start] = labels[..., start:stop].expand(*z.shape[:-1], stop - start)
+        return z
+
+    def _log_q(self, logits: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """log q(z|x) over the inferred units (label units are observed, not inferred)."""
+        return _log_bernoulli(logits[..., self.label_units:], z[..., self.label_units:])
+
+    def log_z_prior(self) -> RBM | BoltzmannMachine:
         """The prior: its log Z is in the bound, so training samples it (the negative phase)
         and evaluation estimates its log Z."""
         return self.prior
@@ -291,11 +395,13 @@ class DVAE(PixelInput, nn.Module):
         """`posterior` for a checked x, count and tau."""
         draw = self._hard_sample if tau is None else (
             lambda lg, s, g: self._relaxed_sample(lg, tau, s, g))
+        labels = self._split(x)[1]
         if self.groups == 1:
             logits = self._encoder_logits(x)
-            return logits, draw(logits, num_samples, generator)
+            return logits, self._set_labels(draw(logits, num_samples, generator), labels, 0)
         all_logits, samples = [], []
         xs = x.expand(num_samples, *x.shape)
+        size = self.n_latent // self.groups
         for g, net in enumerate(self.encoder):
             if g == 0:  # x alone: one pass per example, shared by the S samples
                 first = net(x)
@@ -304,6 +410,7 @@ class DVAE(PixelInput, nn.Module):
             else:
                 logits = apply_mlp(net, torch.cat([xs, *samples], -1))
                 z = draw(logits, 1, generator)[0]
+            z = self._set_labels(z, labels, g * size)  # later groups read the label
             all_logits.append(logits)
             samples.append(z)
         return torch.cat(all_logits, -1), torch.cat(samples, -1)
@@ -331,15 +438,18 @@ class DVAE(PixelInput, nn.Module):
         if z.shape[-1] != self.n_latent:
             raise ValueError(f"z must end in {self.n_latent} units, got shape {tuple(z.shape)}")
         flat = z.reshape(-1, self.n_latent)
+        if isinstance(self.prior, BoltzmannMachine):  # z in the prior's `variables` order
+            return self.prior.energy(flat).reshape(z.shape[:-1])
         nv = self.prior.n_visible
         return self.prior.energy(flat[:, :nv], flat[:, nv:]).reshape(z.shape[:-1])
 
     def _log_weights(self, x: torch.Tensor, logits: torch.Tensor, z: torch.Tensor):
         """(log p(x|z), E(z), log q(z|x)), each (S, B), for z of shape (S, B, n_latent)."""
+        pixels = self._split(x)[0]
         log_px = -F.binary_cross_entropy_with_logits(
-            self.decode(z), x.expand(z.shape[0], *x.shape), reduction="none"
+            self.decode(z), pixels.expand(z.shape[0], *pixels.shape), reduction="none"
         ).sum(-1)
-        return log_px, self.prior_energy(z), _log_bernoulli(logits, z)
+        return log_px, self.prior_energy(z), self._log_q(logits, z)
 
     # ------------------------------------------------------------------ training
     def loss(
@@ -440,6 +550,9 @@ class DVAE(PixelInput, nn.Module):
         """log p(x) = log Σ_z p(x|z) exp(-E(z)) / Z by enumerating all 2^n_latent states, (B,)."""
         x = self._check_x(x)
         n = self.n_latent
+        if self.label_units:
+            raise ValueError("exact_log_px is not defined for a class-conditional model "
+                             "(label_units > 0); use iw_bound (it bounds log p(x, label))")
         if n > MAX_EXACT_LATENT:
             raise ValueError(
                 f"exact_log_px enumerates 2^{n} latent states, over the limit of "
@@ -460,7 +573,7 @@ class DVAE(PixelInput, nn.Module):
         if z.shape[-1] != self.n_latent:
             raise ValueError(f"z must end in {self.n_latent} units, got shape {tuple(z.shape)}")
         with self._evaluating():
-            return torch.sigmoid(self.decode(z.to(self.prior.weight.dtype)))
+            return torch.sigmoid(self.decode(z.to(self._dtype)))
 
     @torch.no_grad()
     def log_posterior(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -473,13 +586,11 @@ class DVAE(PixelInput, nn.Module):
         z = z.to(x.dtype)
         with self._evaluating():
             if self.groups == 1:
-                return _log_bernoulli(self._encoder_logits(x), z)
+                return self._log_q(self._encoder_logits(x), z)
             size, xs = self.n_latent // self.groups, x.expand(z.shape[0], *x.shape)
-            total = torch.zeros(z.shape[:2], dtype=x.dtype, device=x.device)
-            for g, net in enumerate(self.encoder):
-                logits = apply_mlp(net, torch.cat([xs, z[..., : g * size]], -1))
-                total = total + _log_bernoulli(logits, z[..., g * size : (g + 1) * size])
-            return total
+            logits = [apply_mlp(net, torch.cat([xs, z[..., : g * size]], -1))
+                      for g, net in enumerate(self.encoder)]
+            return self._log_q(torch.cat(logits, -1), z)
 
     @contextmanager
     def _evaluating(self) -> Iterator[None]:

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 
 from qvae.atomic import write_bytes_atomic
+from qvae.boltzmann import BoltzmannMachine
 from qvae.callable_module import make_callable
 from qvae.config import Config
-from qvae.datasets import load_dataset
+from qvae.datasets import LABELLED_MNIST, load_dataset
 from qvae.logz import ais_log_partition, exact_log_partition, log_partition
 from qvae.model import LatentVariableModel, check_model
 from qvae.rbm import RBM
@@ -30,20 +31,36 @@ from qvae.rbm import RBM
 NO_LOG_Z = "none (path measure, no log Z)"
 
 
-def estimate_log_z(prior: RBM, cfg: Config, *, progress: bool = False) -> dict[str, Any]:
+def log_z_functions(prior: RBM | BoltzmannMachine) -> tuple[Any, Any, Any]:
+    """(exact_log_partition, ais_log_partition, log_partition) for the prior's kind: the RBM's
+    (qvae.logz) or a Boltzmann machine's (qvae.boltzmann_logz); the same arguments either way
+    (auto: exact when at most exact_limit_units units are enumerated, the smaller RBM layer or
+    a BM's units outside its largest colour class)."""
+    if isinstance(prior, BoltzmannMachine):
+        from qvae import boltzmann_logz
+
+        return (boltzmann_logz.exact_log_partition, boltzmann_logz.ais_log_partition,
+                boltzmann_logz.log_partition)
+    return exact_log_partition, ais_log_partition, log_partition
+
+
+def estimate_log_z(
+    prior: RBM | BoltzmannMachine, cfg: Config, *, progress: bool = False
+) -> dict[str, Any]:
     """log Z of `prior` by cfg.eval.logz (exact, ais, or auto by cfg.eval.exact_limit_units)."""
     e = cfg.eval
     ais = {"num_betas": e.ais_betas, "num_runs": e.ais_runs, "seed": cfg.seed,
            "progress": progress}
+    exact, ais_estimate, auto = log_z_functions(prior)
     if e.logz == "exact":
-        value = exact_log_partition(prior)
+        value = exact(prior)
         return {"log_z": value, "log_z_std": 0.0, "method": "exact"}
     if e.logz == "ais":
-        res = ais_log_partition(prior, **ais)
+        res = ais_estimate(prior, **ais)
         return {"log_z": res.log_z, "log_z_std": res.log_z_std, "method": "ais",
                 "ais_num_betas": res.num_betas, "ais_num_runs": res.num_runs,
                 "ais_effective_sample_size": res.effective_sample_size}
-    est = log_partition(prior, exact_limit_units=e.exact_limit_units, **ais)
+    est = auto(prior, exact_limit_units=e.exact_limit_units, **ais)
     return {"log_z": est.log_z, "log_z_std": est.log_z_std, "method": est.method}
 
 
@@ -66,7 +83,7 @@ def validation_nll(
     log_z, log_z_std, method = None, 0.0, NO_LOG_Z
     prior = model.log_z_prior()
     if prior is not None:
-        est = log_partition(prior, exact_limit_units=cfg.eval.exact_limit_units,
+        est = log_z_functions(prior)[2](prior, exact_limit_units=cfg.eval.exact_limit_units,
                             num_betas=t.validate_ais_betas, num_runs=t.validate_ais_runs,
                             seed=seed)
         log_z, log_z_std, method = est.log_z, est.log_z_std, est.method
@@ -128,12 +145,36 @@ def evaluate_model(
         "nll_spread_from_log_z": logz["log_z_std"],
         **logz,
         "seconds": time.perf_counter() - start,
+        **_conditional_note(model, cfg),
         **(extra or {}),
     }
     check_finite_result(result)
     if out_path is not None:
         write_bytes_atomic(out_path, json.dumps(result, indent=2, allow_nan=False).encode())
     return result
+
+
+#: What the NLL of a class-conditional model is, in its eval.json and the run's output.
+CONDITIONAL_NOTE = (
+    "class-conditional model: the NLL is -log p(image, label), trained and evaluated on the "
+    "labelled MNIST test images (data.dataset mnist-labelled); not comparable with the "
+    "unconditional MNIST NLL table"
+)
+
+
+def conditional_note(cfg: Config) -> str | None:
+    """What the NLL of a class-conditional run is (None for an unconditional one)."""
+    if not cfg.model.conditional.label_units:
+        return None
+    if cfg.data.dataset.lower() == LABELLED_MNIST:
+        return CONDITIONAL_NOTE
+    return "class-conditional model: the NLL is -log p(x, label), not -log p(x)"
+
+
+def _conditional_note(model: Any, cfg: Config) -> dict[str, Any]:
+    units = getattr(model, "label_units", 0)
+    note = conditional_note(cfg)
+    return {"label_units": units, "note": note} if units and note else {}
 
 
 class NonFiniteResult(ValueError):

@@ -68,15 +68,17 @@ def _jsonl_rows(path: Path) -> list[dict]:
 
 
 def save_image_grid(
-    images: torch.Tensor, out: Path, *, title: str = "", shape: tuple[int, int] | None = None
+    images: torch.Tensor, out: Path, *, title: str = "", shape: tuple[int, int] | None = None,
+    cols: int | None = None,
 ) -> Path:
     """Save (N, H·W) pixel probabilities as a grid of H×W images (`shape`; default
-    `qvae.datasets.grid_shape`: 28×28 for MNIST's 784, 6×10 for 60, ...)."""
+    `qvae.datasets.grid_shape`: 28×28 for MNIST's 784, 6×10 for 60, ...), `cols` per row
+    (default: about √N)."""
     from qvae.datasets import grid_shape
 
     n = images.shape[0]
     h, w = shape or grid_shape(int(images.shape[1]))
-    cols = max(1, int(n**0.5))
+    cols = cols or max(1, int(n**0.5))
     rows = -(-n // cols)
     grid = torch.ones(rows * (h + 1), cols * (w + 1))
     for k in range(n):
@@ -105,6 +107,42 @@ def decoded_prior_samples(
     model: LatentVariableModel, sampler: Sampler, n: int, seed: int
 ) -> torch.Tensor:
     return decode(model, sampler.sample(model.prior, n, seed=seed))
+
+
+#: Decoded samples per class in the class-conditional grid (one row per class).
+PER_CLASS = 8
+
+
+def label_clamp(label_units: int, label: int) -> dict[int, int]:
+    """The `clamp` of class `label`: the label units (the first `label_units` latent units)
+    one-hot."""
+    if not 0 <= label < label_units:
+        raise ValueError(f"label must be in [0, {label_units}), got {label}")
+    return {i: int(i == label) for i in range(label_units)}
+
+
+def class_samples(
+    model: LatentVariableModel, sampler: Sampler, per_class: int, seed: int
+) -> list[SampleSet]:
+    """Prior samples of each class of a class-conditional model: the label units clamped to
+    the class's one-hot code (`clamp=`), the rest drawn from the prior's conditional."""
+    units = int(getattr(model, "label_units", 0))
+    if not units:
+        raise ValueError("class samples need a class-conditional model (model.conditional."
+                         "label_units > 0)")
+    return [sampler.sample(model.prior, per_class, seed=seed + c, clamp=label_clamp(units, c))
+            for c in range(units)]
+
+
+def class_conditional_grid(
+    model: LatentVariableModel, sampler: Sampler, out: Path, *, seed: int,
+    per_class: int = PER_CLASS, shape: tuple[int, int] | None = None,
+) -> Path:
+    """A PNG of decoded prior samples, one row per class (label units clamped)."""
+    rows = [decode(model, s) for s in class_samples(model, sampler, per_class, seed)]
+    return save_image_grid(torch.cat(rows), out, shape=shape, cols=per_class,
+                           title=f"decoded prior samples per class, rows 0-{len(rows) - 1} "
+                           f"({sampler.name}, label units clamped)")
 
 
 def plot_energy_histograms(result: dict, out: Path) -> Path:
@@ -153,5 +191,9 @@ def write_training_report(
                                shape=image_shape(cfg.data.dataset, int(images.shape[1])),
                                title=f"decoded prior samples ({sampler.name})")
         files["samples"] = str(grid)
+        if getattr(model, "label_units", 0):
+            files["samples_by_class"] = str(class_conditional_grid(
+                model, sampler, out_dir / "samples_by_class.png", seed=cfg.seed,
+                shape=image_shape(cfg.data.dataset, int(images.shape[1]))))
     files["metrics"] = str(out_dir / "metrics.jsonl")
     return files

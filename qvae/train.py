@@ -35,11 +35,14 @@ from qvae.datasets import load_dataset
 from qvae.dvae import DVAE
 from qvae.model import LatentVariableModel, check_metrics, metrics_to_floats, mismatch
 from qvae.networks import l2_penalty
+from qvae.priors import enumerated_units
+from qvae.rbm import RBM
 from qvae.sde import SDEVAE
 
 #: The validation-selected checkpoint, written beside checkpoint.CHECKPOINT_NAME.
 BEST_NAME = "best.pt"
-#: Below this many units in the smaller RBM layer, log Z is exact and cheap: log the true ELBO.
+#: Below this many enumerated units (the smaller RBM layer, or a Boltzmann machine's units
+#: outside its largest colour class), log Z is exact and cheap: log the true ELBO.
 CHEAP_LOGZ_UNITS = 16
 
 
@@ -125,9 +128,16 @@ def batch_at(data: torch.Tensor, cfg: Config, step: int, ctx: Dist) -> torch.Ten
 
 
 def build_model(
-    cfg: Config, pixel_mean: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    cfg: Config, pixel_mean: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+    sampler: Any = None,
 ) -> LatentVariableModel:
+    """The model `cfg.model` describes. `pixel_mean`: the training data's column means (a
+    conditional model's data rows end in label_units label columns, which are not pixels);
+    `sampler`: the training backend (a qpu_native prior on its solver graph)."""
     m = cfg.model
+    labels = m.conditional.label_units
+    if pixel_mean is not None and labels:
+        pixel_mean = pixel_mean[:-labels]
     common = dict(
         n_pixels=int(pixel_mean.numel()) if pixel_mean is not None else 784,
         n_visible=m.n_visible,
@@ -144,7 +154,14 @@ def build_model(
             raise ValueError("model.kind=sde does not support a sparse (native) RBM mask yet")
         return SDEVAE(**common, control_hidden=tuple(m.control_hidden), num_steps=m.sde_steps,
                       horizon=m.sde_horizon, tau=cfg.train.tau_end)
-    return DVAE(**common, rbm_mask=mask, groups=m.groups, batch_norm=m.batch_norm)
+    prior = None
+    if m.prior.kind != "rbm":
+        from qvae.priors import build_prior
+
+        prior, mask = build_prior(m.prior, m.n_visible + m.n_hidden, seed=cfg.seed,
+                                  sampler=sampler), None
+    return DVAE(**common, rbm_mask=mask, groups=m.groups, batch_norm=m.batch_norm,
+                prior=prior, label_units=labels)
 
 
 def check_given_model(
@@ -165,18 +182,33 @@ def check_given_model(
             f"implementing qvae.model.LatentVariableModel, got {type(model).__name__}{why}"
         )
     prior = model.prior
-    if (prior.n_visible, prior.n_hidden) != (cfg.model.n_visible, cfg.model.n_hidden):
+    if not isinstance(prior, RBM):
+        n = cfg.model.n_visible + cfg.model.n_hidden
+        if cfg.model.prior.kind == "rbm" or prior.n_units != n:
+            raise ValueError(
+                f"the model's prior is a {type(prior).__name__} of {prior.n_units} units; the "
+                f"config says model.prior.kind={cfg.model.prior.kind} over {n} latent units "
+                "(model.n_visible + model.n_hidden); make them agree"
+            )
+    elif cfg.model.prior.kind != "rbm":
+        raise ValueError(f"the model's prior is an RBM but the config says "
+                         f"model.prior.kind={cfg.model.prior.kind}; make them agree")
+    elif (prior.n_visible, prior.n_hidden) != (cfg.model.n_visible, cfg.model.n_hidden):
         raise ValueError(
             f"the model's RBM prior is {prior.n_visible} x {prior.n_hidden} but the config says "
             f"model.n_visible={cfg.model.n_visible}, model.n_hidden={cfg.model.n_hidden}; set "
             "them to the model's (they size the backend's work and the evaluation)"
         )
-    if model.n_pixels != data[0].numel():
+    width = getattr(model, "n_inputs", model.n_pixels)
+    if width != data[0].numel():
         raise ValueError(
-            f"the model takes {model.n_pixels} pixels but {cfg.data.dataset!r} has "
-            f"{data[0].numel()} per example"
+            f"the model takes {width} values per example but {cfg.data.dataset!r} has "
+            f"{data[0].numel()}"
         )
-    if mask is not None and (prior.mask is None
+    if getattr(model, "label_units", 0) != cfg.model.conditional.label_units:
+        raise ValueError("the model's label_units differ from model.conditional.label_units; "
+                         "make them agree")
+    if mask is not None and isinstance(prior, RBM) and (prior.mask is None
                              or not torch.equal(prior.mask.cpu().float(), mask.cpu().float())):
         raise ValueError(
             f"backend {cfg.backend.name!r} samples a sparse RBM: build the model with "
@@ -297,9 +329,10 @@ def _train(
     preflight(cfg, data, out_dir)
     backend_name, backend_options = sampler_options(cfg.backend)
     sampler = backends.get_sampler(backend_name, **backend_options)
-    mask = sampler.connectivity_mask(cfg.model.n_visible, cfg.model.n_hidden)
+    mask = (sampler.connectivity_mask(cfg.model.n_visible, cfg.model.n_hidden)
+            if cfg.model.prior.kind == "rbm" else None)  # a BM prior brings its own graph
     if given is None:
-        model = build_model(cfg, pixel_mean=data.mean(0), mask=mask).to(device)
+        model = build_model(cfg, pixel_mean=data.mean(0), mask=mask, sampler=sampler).to(device)
     else:
         model = check_given_model(given, cfg, data, mask).to(device)
     # The data's values are checked once, here: the per-step loss checks only shapes (reading a
@@ -452,8 +485,8 @@ def _train(
             if ctx.main:
                 if "elbo" in metrics:  # a model whose bound has no log Z may report its ELBO
                     row["elbo_relaxed"] = metrics["elbo"]
-                elif log_now and log_z_prior is not None and min(
-                        log_z_prior.n_visible, log_z_prior.n_hidden) <= CHEAP_LOGZ_UNITS:
+                elif log_now and log_z_prior is not None and (
+                        enumerated_units(log_z_prior) <= CHEAP_LOGZ_UNITS):
                     row["log_z"] = float(log_z_prior.log_partition())
                     row["elbo_relaxed"] = metrics["bound_minus_logz"] - row["log_z"]
                 if log_now and curve_batch is not None:

@@ -5,6 +5,8 @@ import torch
 
 import backends
 from backends.base import Sampler, SampleSet
+from backends.bqm import samples_any_graph
+from backends.registry import sampler_class
 from backends.testing import (
     check_distribution,
     parametrize_backends,
@@ -47,6 +49,15 @@ def test_conformance(sampler_name):
     report = run_conformance(sampler_name, num_samples=20000)
     for row in report["distribution"]:
         assert row["tv"] <= row["tv_tolerance"]
+    # the complete 4-partite and odd-cycle models, and the conditionals (RBM; 4-partite BM;
+    # a clamp leaving a bipartite BM): sampled exactly, or refused where the backend has no
+    # kernel for a non-bipartite graph (langevin, mala)
+    any_graph = samples_any_graph(sampler_class(sampler_name))
+    rows = report["bm_distribution"] + report["conditional"]
+    assert [("refused" in row) for row in rows] == [not any_graph] * 2 + [
+        False, not any_graph, False]
+    for row in rows:
+        assert "refused" in row or row["tv"] <= row["tv_tolerance"]
 
 
 class Corrupted(Sampler):

@@ -105,9 +105,11 @@ def test_as_dimod_takes_odd_cycles_where_the_backend_can(name, options):
 
 
 def test_as_dimod_says_which_backends_take_odd_cycles():
+    # gibbs and dwave sample any graph since issue 13 (tests/test_service_bm.py); langevin
+    # samples bipartite models only
     bqm = triangle_bqm()
-    with pytest.raises(ValueError, match=r"odd cycle.*use 'neal', 'exact' or 'dimod'"):
-        backends.as_dimod("gibbs").sample(bqm, num_reads=4)
+    with pytest.raises(ValueError, match=r"odd cycle.*bipartite models only.*'gibbs'.*'neal'"):
+        backends.as_dimod("langevin").sample(bqm, num_reads=4)
 
 
 def test_as_dimod_refuses_bad_input_naming_it():

@@ -95,9 +95,10 @@ def test_general_bqm_is_sampled_exactly(url):
     counts = np.array([np.all(samples == s, axis=1).sum() for s in states]) / n
     tol = 0.5 * np.sqrt(p * (1 - p) / n).sum() + math.sqrt(math.log(1e6) / (2 * n))
     assert 0.5 * np.abs(counts - p).sum() <= tol
-    # the same BQM through an RBM-only backend is refused, naming the field
+    # the same BQM through a bipartite-only backend is refused, naming the field (gibbs samples
+    # it since issue 13: tests/test_service_bm.py)
     r = httpx.post(f"{url}/v1/sample", headers=auth(), json={
-        "backend": "gibbs", "num_samples": 5, "bqm": bqm.to_serializable()})
+        "backend": "langevin", "num_samples": 5, "bqm": bqm.to_serializable()})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "bqm"]
 
 

@@ -24,21 +24,31 @@ from pydantic import ValidationError
 
 import backends
 from backends.base import ProblemShape, Sampler
-from backends.bqm import NotBipartite, bipartition, sample_bqm
+from backends.bqm import (
+    NotBipartite,
+    any_graph_backends,
+    bipartition,
+    sample_bqm,
+    samples_any_graph,
+)
 from backends.dwave import QPUBudgetExceeded
 from backends.options import OptionError
 from backends.registry import option_names, parse_options, sampler_class
+from qvae.boltzmann import BoltzmannMachine
 from qvae.rbm import RBM
 from qvae.service.accounts import Keys, Ledger, Reservation
 from qvae.service.guard import Guard
 from qvae.service.jobs import Job, Scheduler, ServiceError
 from qvae.service.metrics import Metrics
 from qvae.service.problems import (
+    build_bm,
     build_bqm,
     build_rbm,
+    check_clamp_indices,
     encode,
     field_error,
     jsonable,
+    problem_couplings,
     problem_size,
 )
 from qvae.service.schemas import (
@@ -127,7 +137,7 @@ class Service:
         """Hold room for a fetch-by-id job's result under limits.max_stored_result_bytes, or
         raise 429: unfetched results never pile up past the cap (they are refused, not
         evicted). Returns the bytes held; give them back with `release_result_space`."""
-        n_vars = problem_size(req.rbm, req.bqm)
+        n_vars = problem_size(req)
         bound = result_bytes_bound(req.num_samples, n_vars, req.return_continuous, body_bytes)
         cap = self.config.limits.max_stored_result_bytes
         with self.result_lock:
@@ -194,14 +204,23 @@ class Service:
         if not ok:
             raise ServiceError(503, f"backend {req.backend!r} is unavailable here: {why}",
                                {"Retry-After": "60"})
-        n_vars = problem_size(req.rbm, req.bqm)
+        n_vars, kind = problem_size(req), req.problem_field()
+        n_couplings = problem_couplings(req)
         for what, value, limit in (("num_samples", req.num_samples, lim.max_num_samples),
                                    ("variables", n_vars, lim.max_variables),
                                    ("num_samples × variables", req.num_samples * n_vars,
-                                    lim.max_result_values)):
+                                    lim.max_result_values),
+                                   (f"couplings of the {kind}", n_couplings or 0,
+                                    lim.max_couplings)):
             if value > limit:
                 raise ServiceError(413, f"{what} = {value} is over this service's limit of "
                                    f"{limit}; split the request")
+        if req.clamp is not None:
+            if req.bqm is not None:
+                raise field_error(["clamp"], "clamp applies to `rbm` and `bm` problems; for a "
+                                  "BQM fix the variables in the BQM itself (dimod's "
+                                  "bqm.fix_variable) or send it as a `bm`")
+            check_clamp_indices(req.clamp, n_vars, kind)
         policy = cfg.policy(req.backend)
         locked = sorted(set(req.options) & set(policy.locked))
         if locked:
@@ -226,14 +245,27 @@ class Service:
         sampler, lock = self.sampler(req.backend, options)
         if req.rbm is not None:
             problem: Any = build_rbm(req.rbm)
+        elif req.bm is not None:
+            problem = build_bm(req.bm)
+            classes = len(problem.colour_classes)
+            if problem.n_edges and classes > 2 and not samples_any_graph(sampler):
+                raise field_error(["bm"], f"this Boltzmann machine's graph needs "
+                                  f"{classes} colour classes; backend "
+                                  f"{req.backend!r} samples bipartite models only, use one of "
+                                  f"{any_graph_backends()}")
         else:
             problem = build_bqm(req.bqm or {})
+            if problem.num_interactions > lim.max_couplings:  # whatever its head list said
+                raise ServiceError(413, f"couplings of the bqm = {problem.num_interactions} is "
+                                   f"over this service's limit of {lim.max_couplings}; split "
+                                   "the request")
             try:
                 bipartition(problem)
             except NotBipartite as exc:
-                if not sampler.capabilities.general_bqm:
-                    raise field_error(["bqm"], f"{exc}; backend {req.backend!r} samples RBMs "
-                                      "only, use 'neal' or 'exact' for a general BQM") from None
+                if not samples_any_graph(sampler):
+                    raise field_error(["bqm"], f"{exc}; backend {req.backend!r} samples "
+                                      "bipartite models only, use one of "
+                                      f"{any_graph_backends()} for a general BQM") from None
         self.check_work(req.backend, options, problem, req.num_samples)
         reservation: Reservation | None = None
         if qpu:
@@ -251,8 +283,9 @@ class Service:
                     if reservation is not None:  # checked before, charged after, each QPU call
                         sampler.meter = reservation  # type: ignore[attr-defined]
                     try:
-                        if req.rbm is not None:
-                            out: Any = sampler.sample(problem, req.num_samples, seed=req.seed)
+                        if req.bqm is None:  # an RBM or a BM, clamped or not
+                            out: Any = sampler.sample(problem, req.num_samples, seed=req.seed,
+                                                      clamp=req.clamp)
                         else:
                             out = sample_bqm(sampler, problem, req.num_samples, seed=req.seed)
                     finally:
@@ -260,9 +293,10 @@ class Service:
                             sampler.meter = None  # type: ignore[attr-defined]
             except QPUBudgetExceeded as exc:  # spent by others since admission
                 raise ServiceError(429, str(exc)) from None
-            except (ValueError, TypeError) as exc:  # e.g. exact on a too-large RBM
-                raise field_error(["rbm" if req.rbm is not None else "bqm"],
-                                  f"backend {req.backend!r} refused the problem: {exc}") from None
+            except (ValueError, TypeError, NotImplementedError) as exc:
+                # e.g. exact on a too-large RBM, or a kernel that refuses this graph
+                raise field_error([kind], f"backend {req.backend!r} refused the problem: "
+                                  f"{exc}") from None
             qpu = float(out.info.get("qpu_access_time_s") or 0.0)
             if qpu:
                 self.metrics.qpu_seconds.labels(key.label()).inc(qpu)
@@ -274,7 +308,8 @@ class Service:
             extra = {"queue_wait_s": started - job.submitted_at,
                      "service_s": finished - job.submitted_at, "key": key.label(),
                      "started_at": started, "finished_at": finished}
-            return encode(job.id, req.backend, out, extra, req.return_continuous)
+            labels = jsonable(problem.variables) if req.bm is not None else None
+            return encode(job.id, req.backend, out, extra, req.return_continuous, labels)
 
         work.reservation = reservation  # type: ignore[attr-defined]  # released by admit()
         return work, inline
@@ -283,9 +318,8 @@ class Service:
                    num_samples: int) -> None:
         """413 when the backend's work model prices the request over a limit, naming the
         options that drive it, their values and the limit (`options` already parsed)."""
-        if isinstance(problem, RBM):
-            shape = ProblemShape(problem.n_visible, problem.n_hidden,
-                                 problem.n_visible * problem.n_hidden)
+        if isinstance(problem, (RBM, BoltzmannMachine)):
+            shape = ProblemShape.of(problem)  # a clamp only makes the work smaller
         else:
             try:
                 visible, hidden = bipartition(problem)
@@ -348,6 +382,7 @@ class Service:
                                     binary=cls.capabilities.binary,
                                     resource=cls.capabilities.resource,
                                     general_bqm=cls.capabilities.general_bqm,
+                                    any_graph=samples_any_graph(cls),
                                     options=option_names(name),
                                     locked_options=self.config.policy(name).locked)
         return BackendList(backends=out)
@@ -395,7 +430,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
             await asyncio.to_thread(service.scheduler.drain, config.shutdown_grace_s)
 
     app = FastAPI(title="qvae sampler service", version="1", lifespan=lifespan,
-                  description="Samples of RBMs and Ising/QUBO models from every qvae backend "
+                  description="Samples of RBMs, Boltzmann machines on any graph and Ising/QUBO "
+                  "models from every qvae backend "
                   "(QPU, simulated annealing, Gibbs, Langevin/MALA) behind one API.")
     app.state.service = service
     app.add_middleware(Guard, max_body_bytes=config.limits.max_body_bytes,
@@ -431,8 +467,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
     async def sample(request: Request, key: Caller,
                      idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
                      ) -> Response:
-        """Sample an RBM (`rbm`) or a dimod BQM (`bqm`) with `backend`; small requests are
-        answered inline, large ones (or `mode: job`) return a job id to poll."""
+        """Sample an RBM (`rbm`), a Boltzmann machine (`bm`) or a dimod BQM (`bqm`) with
+        `backend`, optionally with units clamped (`clamp`); small requests are answered inline,
+        large ones (or `mode: job`) return a job id to poll."""
         raw = await request.body()
         req = parse_sample_request(raw)
         request.state.backend = req.backend

@@ -54,6 +54,9 @@ class Limits(Strict):
     max_variables: int = Field(8192, ge=2, description="problem variables limit (413)")
     max_result_values: int = Field(10**8, ge=1,
                                    description="num_samples × variables limit (413)")
+    max_couplings: int = Field(
+        2**18, ge=1, description="couplings a `bm` or `bqm` problem lists (413): building one "
+        "(its graph colouring) costs ~10 µs a coupling at admission; QPU graphs have ~4·10^4")
     # Work limits: each backend's work model (`Sampler.work`) prices a request before it is
     # queued; a request over any of these gets 413 naming the option, its value and the limit.
     max_work: float = Field(
