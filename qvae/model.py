@@ -5,10 +5,11 @@ of your own (a `torch.nn.Module`), which `qvae.train(cfg, out_dir, model=...)` t
 and evaluates exactly like the built-in ones. Nothing in the trainer or the evaluator asks which
 kind of model it holds: what differs between models is what each one declares here.
 
-- **Its prior's partition function.** `log_z_prior()` names the RBM whose log Z the model's bound
-  contains, or None. The trainer draws the loss's `negative` samples from it at every step (the
-  gradient of log Z is −E_p[∇E]) and the evaluator subtracts its estimated log Z from the
-  bounds; with None, neither happens (the SDE-VAE's path-measure bound has no log Z).
+- **Its prior's partition function.** `log_z_prior()` names the prior (an `RBM` or a
+  `BoltzmannMachine`) whose log Z the model's bound contains, or None. The trainer draws the
+  loss's `negative` samples from it at every step (the gradient of log Z is −E_p[∇E]) and the
+  evaluator subtracts its estimated log Z from the bounds; with None, neither happens (the
+  SDE-VAE's path-measure bound has no log Z).
 - **Its inputs.** `check_input` validates data (type, shape, values) once, where the data enter:
   the trainer calls it on the whole training set before the first step. `loss` itself checks
   only what costs no device sync.
@@ -32,7 +33,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from qvae.boltzmann import BoltzmannMachine
 from qvae.rbm import RBM
+
+Prior = RBM | BoltzmannMachine
 
 #: Metrics every `loss` returns: the progress bar and metrics.jsonl show the first two, the
 #: training report plots all four.
@@ -41,14 +45,15 @@ REQUIRED_METRICS = ("loss", "bound_minus_logz", "positive_energy", "negative_ene
 
 @runtime_checkable
 class LatentVariableModel(Protocol):
-    """A generative model p(x, z) with an RBM `prior`, trained on a bound of log p(x).
+    """A generative model p(x, z) with a Boltzmann `prior` (an RBM or a BoltzmannMachine),
+    trained on a bound of log p(x).
 
     Implemented by a `torch.nn.Module` (the trainer also uses its parameters, state dict and
     train/eval modes). `isinstance(model, LatentVariableModel)` checks that the members exist.
     """
 
-    #: The RBM over the latent units; backends sample it (negative phase, decoded samples).
-    prior: RBM
+    #: The prior over the latent units; backends sample it (negative phase, decoded samples).
+    prior: Prior
     #: Values per example (the data's width).
     n_pixels: int
 
@@ -62,8 +67,8 @@ class LatentVariableModel(Protocol):
         ValueError or TypeError naming the problem otherwise."""
         ...
 
-    def log_z_prior(self) -> RBM | None:
-        """The RBM whose log partition function the bound contains (its negative phase is
+    def log_z_prior(self) -> Prior | None:
+        """The prior whose log partition function the bound contains (its negative phase is
         sampled in training, its log Z estimated for evaluation), or None for a bound without
         one."""
         ...
