@@ -331,7 +331,9 @@ class EvalConfig(Strict):
     at_end: bool = Field(True, description="evaluate the test set when training ends")
     split: Literal["valid", "test"] = Field("test", description="split evaluated: valid, test")
     num_iw: int = Field(1000, ge=1, le=5000, description="K of the importance-weighted NLL")
-    max_examples: int | None = Field(None, ge=1, description="evaluate only the first N")
+    max_examples: int | None = Field(
+        None, ge=1, description="evaluate on N examples drawn at random (seed 0, the same N in "
+        "every run; the MNIST test split is sorted by label, so not the first N)")
     logz: Literal["auto", "exact", "ais"] = Field(
         "auto", description="log Z: exact, ais, or auto (exact when the smaller layer is small)"
     )

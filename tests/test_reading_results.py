@@ -232,3 +232,18 @@ def test_compare_shows_progress_while_a_backend_runs():
     text = "".join(lines)
     assert text.startswith("  sampling mala ...")
     assert "sampling mala: still running" in text and "sampling mala: done in" in text
+
+
+def test_max_examples_draws_a_random_subset_not_the_sorted_head():
+    """The MNIST test split is sorted by label: its first 1,000 images are nearly all zeros, so
+    `eval.max_examples` must draw across the split (the same subset in every run)."""
+    from qvae.datasets import load_dataset
+    from qvae.evaluate import evaluation_subset
+
+    test = load_dataset("mnist", "test")
+    sub = evaluation_subset(test, 1000)
+    assert sub.shape == (1000, test.shape[1])
+    assert torch.equal(sub, evaluation_subset(test, 1000))
+    # the head's mean ink (zeros: ~0.19, ones: ~0.08) vs the whole split's mean ink
+    whole, head = float(test.mean()), float(test[:1000].mean())
+    assert abs(float(sub.mean()) - whole) < 0.25 * abs(head - whole)
