@@ -37,7 +37,7 @@ import torch
 from pydantic import field_validator
 
 from backends.base import Cost, ProblemShape, Sampler, check_state_bytes, make_generator
-from backends.options import BackendOptions, Field
+from backends.options import BackendOptions, Field, OptionError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -68,12 +68,22 @@ class ChainOptions(BackendOptions):
             raise ValueError("must be 'cpu' or 'cuda[:N]'") from None
         if device.type not in ("cpu", "cuda"):
             raise ValueError("must be 'cpu' or 'cuda[:N]'")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("asks for CUDA, which is not available here; use 'cpu'")
-        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-            raise ValueError(f"names a GPU this machine does not have (it has "
-                             f"{torch.cuda.device_count()}); use 'cuda:0'")
+        # whether this machine has that GPU is checked where the chains are built
+        # (`device_here`), not here: a `remote` client checks a GPU server's options too
         return value
+
+
+def device_here(backend: str, value: str) -> torch.device:
+    """The chains' device, refused (one line) when this machine does not have it."""
+    device = torch.device(value)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError(f"backend {backend!r} option device asks for CUDA, which is not "
+                          f"available here; use 'cpu', got {value!r}")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise OptionError(f"backend {backend!r} option device names a GPU this machine does "
+                          f"not have (it has {torch.cuda.device_count()}); use 'cuda:0', "
+                          f"got {value!r}")
+    return device
 
 
 @dataclass(frozen=True)
@@ -240,6 +250,7 @@ class ChainSampler(Sampler):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
+        device_here(self.name, self.options.device)
         self.chains = Chains(self.options, key=self.chain_key, defaults={
             name: getattr(self.options, name) for name in self.chain_numbers})
 

@@ -275,3 +275,16 @@ def test_cuda_without_cuda_is_refused_with_the_fix():
     with pytest.raises(OptionError, match=r"option device asks for CUDA, which is not "
                        r"available here; use 'cpu', got 'cuda'"):
         backends.get_sampler("mala", device="cuda")
+
+
+def test_a_client_may_ask_a_remote_server_for_its_gpu():
+    """The options model checks the value's form only; whether this machine has the GPU is
+    checked where the chains are built, so a CPU-only `remote` client can target a GPU server."""
+    from backends.remote import RemoteSampler
+
+    opts = RemoteSampler.parse_options({"url": "http://127.0.0.1:8700", "target": "gibbs",
+                                        "options": {"device": "cuda:0"}})
+    assert opts.options == {"device": "cuda:0"}
+    with pytest.raises(OptionError, match="must be 'cpu' or 'cuda"):
+        RemoteSampler.parse_options({"url": "http://127.0.0.1:8700", "target": "gibbs",
+                                     "options": {"device": "tpu"}})
