@@ -89,12 +89,11 @@ def bipartition(bqm: dimod.BinaryQuadraticModel) -> tuple[list[Any], list[Any]]:
 
 
 def samples_any_graph(sampler: Sampler | type[Sampler]) -> bool:
-    """True when the backend samples a Boltzmann machine on any graph, not only bipartite ones:
-    it samples general BQMs (`capabilities.general_bqm`), or it has its own `_sample_bm` kernel
-    (gibbs, dwave; remote, whose server decides). A backend whose own kernel still refuses some
-    graphs raises NotImplementedError when asked, which callers turn into a clear error."""
-    cls = sampler if isinstance(sampler, type) else type(sampler)
-    return cls.capabilities.general_bqm or cls._sample_bm is not Sampler._sample_bm
+    """True when the backend samples a Boltzmann machine on any graph, not only bipartite ones
+    (its declared `capabilities.any_graph`: gibbs, dwave, remote, and every general-BQM
+    backend). A backend whose own kernel still refuses some graphs raises NotImplementedError
+    when asked, which callers turn into a clear error."""
+    return sampler.capabilities.any_graph
 
 
 def any_graph_backends() -> list[str]:

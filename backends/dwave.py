@@ -259,7 +259,7 @@ class DWaveBackend(Sampler):
 
     name = "dwave"
     Options = DWaveOptions
-    capabilities = Capabilities(resource="qpu", output="binary")
+    capabilities = Capabilities(resource="qpu", output="binary", any_graph=True)
     #: the emulator; 10,000 calibration reads pin β_eff to ~1% on the 16-unit reference RBMs
     conformance_options = {"solver": "emulator", "mode": "embedded", "calibration_reads": 10000}
     options: DWaveOptions

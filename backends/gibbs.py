@@ -313,7 +313,7 @@ class GibbsSampler(ChainSampler):
 
     name = "gibbs"
     Options = GibbsOptions
-    capabilities = Capabilities(resource="cpu", output="binary")
+    capabilities = Capabilities(resource="cpu", output="binary", any_graph=True)
     round_option, step_word, chain_key = "num_sweeps", "sweeps", "hidden"
     #: Work model: every sweep costs each chain its units + couplings, plus a fixed dispatch
     #: cost of ~20 µs (≈ 2·10^5 update-equivalents) however small the problem.

@@ -60,12 +60,20 @@ class Capabilities:
         `visible`/`hidden`, with the continuous state in `SampleSet.continuous`).
     servable: a sampler service may offer it (False for a client of another service).
     general_bqm: it also samples any dimod BQM (`sample_general_bqm`), not only RBMs.
+    any_graph: it samples a `BoltzmannMachine` on any graph (its own `_sample_bm` kernel, or
+        through `sample_general_bqm`); otherwise only RBMs and bipartite models, and a
+        non-bipartite one gets a clear NotImplementedError.
     """
 
     resource: Literal["cpu", "qpu", "network"] = "cpu"
     output: Literal["binary", "continuous"] = "binary"
     servable: bool = True
     general_bqm: bool = False
+    any_graph: bool = False
+
+    def __post_init__(self) -> None:
+        if self.general_bqm and not self.any_graph:  # a general BQM covers any graph
+            object.__setattr__(self, "any_graph", True)
 
     @property
     def binary(self) -> bool:

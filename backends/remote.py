@@ -135,7 +135,8 @@ class RemoteSampler(Sampler):
     name = "remote"
     Options = RemoteOptions
     #: binary: continuous targets (langevin, mala) also return `.continuous` when asked.
-    capabilities = Capabilities(resource="network", output="binary", servable=False)
+    capabilities = Capabilities(resource="network", output="binary", servable=False,
+                                any_graph=True)
     conformance_options = {}  # checked through a live server in test_service
 
     def __init__(self, **options: Any) -> None:

@@ -206,3 +206,14 @@ def test_docs_check_fails_on_a_stale_table(tmp_path, capsys):
     assert docs.main([str(readme)]) == 0
     assert docs.main([str(readme), "--check"]) == 0
     assert "`num_sweeps` | `200`" in readme.read_text()
+
+
+def test_any_graph_is_declared_by_exactly_the_backends_that_have_a_kernel_for_it():
+    """`capabilities.any_graph` is a declaration, not introspection: it must agree with what
+    each built-in implements (its own `_sample_bm`, or general BQMs)."""
+    from backends.base import Sampler
+
+    for name in ("exact", "gibbs", "neal", "dwave", "langevin", "mala", "remote", "dimod"):
+        cls = registry.sampler_class(name)
+        has_kernel = cls._sample_bm is not Sampler._sample_bm or cls.capabilities.general_bqm
+        assert cls.capabilities.any_graph == has_kernel, name
