@@ -26,7 +26,6 @@ with one thread unless --threads says otherwise.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -39,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from samplers import machine_info  # noqa: E402  (benchmarks/samplers.py, this directory)
+from samplers import machine_info, write_result  # noqa: E402  (benchmarks/samplers.py, this directory)
 
 import backends  # noqa: E402
 from backends.gibbs import colour_blocks, colour_gibbs_sweeps, gibbs_sweeps  # noqa: E402
@@ -231,10 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": rows,
         "wall_s": time.perf_counter() - started,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out} ({result['wall_s']:.1f} s)")
+    write_result(result, args.out)
     return 0
 
 

@@ -407,11 +407,17 @@ def main(argv: list[str] | None = None) -> int:
         "results": rows,
         "wall_s": time.perf_counter() - started,
     }
-    out = Path(args.out)
+    write_result(result, args.out)
+    return 0
+
+
+def write_result(result: dict[str, Any], out: str | Path) -> None:
+    """Write a benchmark's JSON (its folder created) and say where (shared by the benchmarks
+    that import this module)."""
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out} ({result['wall_s']:.1f} s)")
-    return 0
 
 
 if __name__ == "__main__":

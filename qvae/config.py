@@ -364,7 +364,21 @@ class Config(Strict):
             raise ValueError("model.conditional needs labelled data: the shipped 'mnist' has no "
                              "labels; use data.dataset=mnist-labelled (or your own rows with "
                              "one-hot label columns appended)")
+        if self.data.dataset.lower() == "mnist-labelled" and not self.model.conditional.label_units:
+            raise ValueError("data.dataset=mnist-labelled rows end in 10 one-hot label columns: "
+                             "set model.conditional.label_units=10 (or use data.dataset=mnist)")
         prior = self.model.prior
+        n_parts = (len(prior.sizes) if prior.sizes else prior.parts or 0
+                   ) if prior.kind == "multipartite" else (
+                       prior.partitions if prior.kind == "qpu_native" else 2)
+        if n_parts > 2:
+            from backends.registry import sampler_class
+
+            name = _sampling_backend(self.backend.model_dump())
+            if not sampler_class(name).capabilities.any_graph:
+                raise ValueError(f"backend {name!r} samples RBMs and bipartite priors only, and "
+                                 f"model.prior.kind={prior.kind} has {n_parts} parts: use "
+                                 "backend gibbs, neal, exact or dwave, or a 2-part prior")
         if prior.kind == "qpu_native" and prior.graph == "backend" and (
                 _sampling_backend(self.backend.model_dump()) != "dwave"):
             raise ValueError("model.prior.graph=backend takes the dwave backend's solver graph, "

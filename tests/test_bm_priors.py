@@ -322,3 +322,17 @@ def test_label_units_spanning_hierarchical_groups_hold_the_label():
     assert torch.equal(q[0], q[1])
     assert not torch.equal(q[0], flat.log_posterior(x, torch.cat([labels.expand(5, 2, 3),
                                                                    1 - rest], -1)))
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["data.dataset=mnist-labelled"], "set model.conditional.label_units=10"),
+    (["backend.name=langevin", "backend.options={}", "model.prior.kind=multipartite",
+      "model.prior.parts=4"],
+     "samples RBMs and bipartite priors only"),
+])
+def test_a_prior_or_data_the_run_cannot_use_fails_at_load(overrides, words):
+    """Checked at load, not after training has started (both used to end in a traceback)."""
+    from qvae.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=words):
+        load_config("quickstart", overrides)
