@@ -4,6 +4,7 @@
     python benchmarks/paper_table.py train 1-layer-nonlin --resume   # continue it exactly
     python benchmarks/paper_table.py train 2-layer-nonlin --k 5      # importance-weighted k = 5
     python benchmarks/paper_table.py table                           # the table of all cells
+    python benchmarks/paper_table.py record runs/beat/X --change "what differs"  # a beat-it row
 
 A cell trains `configs/paper/<structure>.yaml` (the reference protocol: 10⁶ steps, validation
 NLL every 20,000 steps selecting `best.pt`, test NLL with K = 4,000 and AIS log Z) in
@@ -15,6 +16,13 @@ anything else is labelled "in progress" or "not the protocol" in the JSON and th
 
 --minutes N stops the run cleanly (checkpoint written) after N minutes; SIGTERM does the same,
 so a run killed by the end of a session resumes exactly with --resume.
+
+"Beat it" rows are runs of `qvae train` on the same structures (configs/beat/<structure>.yaml,
+qvae's own recipe, or with --set changes), evaluated like a cell (K = 4,000, AIS log Z).
+`record RUN_DIR --change TEXT` writes benchmarks/paper/beat/<run name>.json from the run's
+config.json, metrics.jsonl, validation.jsonl and evaluation JSON, with the exact command that
+reproduces the run (`qvae train --config beat/<structure> --set ...`, the differences from the
+base config read from the saved config), and `table` prints those rows as a second table.
 """
 
 from __future__ import annotations
@@ -35,6 +43,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 STRUCTURES = ("1-layer-lin", "1-layer-nonlin", "2-layer-nonlin", "4-layer-nonlin")
 JSON_DIR = ROOT / "benchmarks/paper"
+BEAT_DIR = JSON_DIR / "beat"
+#: Model fields that make a structure (the paper configs' values identify it).
+STRUCTURE_FIELDS = ("n_visible", "n_hidden", "groups", "encoder_hidden", "decoder_hidden")
 RUN_ROOT = ROOT / "runs/paper"
 
 
@@ -170,6 +181,95 @@ def table(json_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def structure_of(model: dict[str, Any]) -> str | None:
+    """Which DVAE# structure a run's model config is (None: none of them)."""
+    from qvae.config import load_config
+
+    for name in STRUCTURES:
+        ref = load_config(ROOT / f"configs/paper/{name}.yaml").model.model_dump(mode="json")
+        if all(model.get(f) == ref[f] for f in STRUCTURE_FIELDS):
+            return name
+    return None
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not (prefix + k).endswith("options") and k != "remote":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def reproduce_command(saved: dict[str, Any], base: str) -> str:
+    """`qvae train --config BASE --set ...` giving `saved` (a run's config.json) exactly."""
+    from qvae.config import load_config
+    from qvae.configs_path import resolve_config_path
+
+    ref = _flat(load_config(resolve_config_path(base)).model_dump(mode="json"))
+    sets = [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}"
+            for k, v in _flat(saved).items() if ref.get(k) != v]
+    argv = ["qvae", "train", "--config", base]
+    for item in sets:
+        argv += ["--set", item]
+    return shlex.join(argv)
+
+
+def record(run_dir: Path, change: str, eval_name: str, base: str | None,
+           beat_dir: Path) -> Path:
+    """benchmarks/paper/beat/<run name>.json: one "beat it" row from a finished run."""
+    from qvae.atomic import write_bytes_atomic
+
+    saved = json.loads((run_dir / "config.json").read_text())
+    evaluation = json.loads((run_dir / eval_name).read_text())
+    metrics = _rows(run_dir / "metrics.jsonl")
+    structure = structure_of(saved["model"])
+    if structure is None:
+        raise SystemExit(f"error: {run_dir}: its model is none of the structures {STRUCTURES}")
+    base = base or f"beat/{structure}"
+    last = metrics[-1] if metrics else {}
+    curve = _rows(run_dir / "validation.jsonl")
+    report = {
+        "name": run_dir.name,
+        "structure": structure,
+        "change": change,
+        "objective": "k=1 bound" if saved["train"]["num_iw"] == 1 else
+                     f"importance-weighted bound, k={saved['train']['num_iw']}",
+        "relaxation": saved["model"].get("relaxation", "gumbolt"),
+        "steps_done": last.get("step"),
+        "train_seconds": last.get("train_seconds"),
+        "threads": last.get("threads"),
+        "machine": machine(),
+        "command": "OMP_NUM_THREADS=1 " + reproduce_command(saved, base),
+        "evaluation_file": eval_name,
+        "test": evaluation,
+        "validation_curve": [{k: r.get(k) for k in ("step", "nll", "nll_stderr_examples",
+                                                    "log_z", "log_z_std")} for r in curve],
+        "config": saved,
+        "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    beat_dir.mkdir(parents=True, exist_ok=True)
+    path = beat_dir / f"{run_dir.name}.json"
+    write_bytes_atomic(path, (json.dumps(report, indent=2) + "\n").encode())
+    return path
+
+
+def beat_table(beat_dir: Path) -> str:
+    lines = ["| structure | change from qvae's recipe | objective | test NLL (nats) | K | "
+             "checkpoint (step) | steps | train min |",
+             "|---|---|---|---|---|---|---|---|"]
+    rows = [json.loads(p.read_text()) for p in sorted(beat_dir.glob("*.json"))]
+    for r in sorted(rows, key=lambda r: (STRUCTURES.index(r["structure"]), r["test"]["nll"])):
+        t = r["test"]
+        minutes = (r.get("train_seconds") or 0) / 60
+        lines.append(
+            f"| {r['structure']} | {r['change']} | {r['objective']} | {_fmt_nll(t)} | "
+            f"{t['num_iw']:,} | {t.get('checkpoint', '—')} ({t.get('checkpoint_step', '—'):,}) | "
+            f"{r['steps_done']:,} | {minutes:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -184,8 +284,17 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--run-root", type=Path, default=RUN_ROOT)
     t.add_argument("--json-dir", type=Path, default=JSON_DIR)
     t.add_argument("--progress", action="store_true", help="show a progress bar")
-    s = sub.add_parser("table", help="print the table of benchmarks/paper/*.json")
+    s = sub.add_parser("table", help="print the table of benchmarks/paper/*.json, then the "
+                       "beat-it rows of benchmarks/paper/beat/*.json")
     s.add_argument("--json-dir", type=Path, default=JSON_DIR)
+    s.add_argument("--beat-dir", type=Path, default=BEAT_DIR)
+    r = sub.add_parser("record", help="write a beat-it row from a finished `qvae train` run")
+    r.add_argument("run_dir", type=Path)
+    r.add_argument("--change", required=True, help="what this run changes, for the table")
+    r.add_argument("--eval", default="eval.json", help="the run's evaluation JSON to report")
+    r.add_argument("--base", help="config the command is written against "
+                   "(default: beat/<structure>)")
+    r.add_argument("--beat-dir", type=Path, default=BEAT_DIR)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     args.argv = argv
@@ -195,7 +304,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.minutes is not None and not args.minutes > 0:
             p.error("--minutes must be > 0")
         return cmd_train(args)
+    if args.command == "record":
+        print(f"wrote {record(args.run_dir, args.change, args.eval, args.base, args.beat_dir)}")
+        return 0
     print(table(args.json_dir))
+    if args.beat_dir.is_dir() and any(args.beat_dir.glob("*.json")):
+        print("\nBeat it: the same structures and evaluation, other recipes\n")
+        print(beat_table(args.beat_dir))
     return 0
 
 

@@ -73,7 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--ais-betas", type=int, help="AIS intermediate temperatures")
     e.add_argument("--ais-runs", type=int, help="AIS runs")
     e.add_argument("--split", choices=["valid", "test"], help="data split (default: test)")
-    e.add_argument("--max-examples", type=int, help="evaluate only the first N examples")
+    e.add_argument("--max-examples", type=int,
+                   help="evaluate N examples drawn at random (seed 0, the same N in every run; "
+                   "the test split is sorted by label, so not the first N)")
     e.add_argument("--out", type=Path, help="JSON output (default: RUN/eval.json, or "
                    "RUN/eval-TIME.json when that exists: nothing is overwritten)")
     e.add_argument("--overwrite", action="store_true",

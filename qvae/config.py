@@ -152,6 +152,15 @@ class ModelConfig(Strict):
         "q(z|x) = Π_g q(z_g|x, z_<g); must divide n_visible + n_hidden (1: factorial)"
     )
     batch_norm: bool = Field(False, description="dvae: batch norm after each hidden layer")
+    relaxation: Literal["gumbolt", "power"] = Field(
+        "gumbolt", description="dvae: how training relaxes z: gumbolt (ζ = σ((α+L)/τ), τ from "
+        "train.tau_start/tau_end) or power (DVAE#'s power-function overlap, sharpness "
+        "model.power_beta; τ unused)"
+    )
+    power_beta: float = Field(
+        40.0, ge=1, le=1000, description="dvae, relaxation=power: β of the smoothing "
+        "r(ζ|0) ∝ ζ^(1/β-1) (the DVAE# code: 20-40 on MNIST; larger is closer to binary)"
+    )
     prior: PriorConfig = Field(default_factory=PriorConfig)
     conditional: ConditionalConfig = Field(default_factory=ConditionalConfig)
 
@@ -170,8 +179,14 @@ class ModelConfig(Strict):
                 f"model.groups={self.groups} must divide the {n} latent units "
                 "(model.n_visible + model.n_hidden)"
             )
-        if self.kind == "sde" and (self.groups != 1 or self.batch_norm):
-            raise ValueError("model.groups and model.batch_norm apply to kind=dvae only")
+        if self.kind == "sde" and (self.groups != 1 or self.batch_norm
+                                   or self.relaxation != "gumbolt"):
+            raise ValueError("model.groups, model.batch_norm and model.relaxation apply to "
+                             "kind=dvae only")
+        if self.relaxation == "power" and self.conditional.label_units:
+            raise ValueError("model.relaxation=power relaxes every latent unit, and the label "
+                             "units are observed: use model.relaxation=gumbolt with "
+                             "model.conditional.label_units")
         if self.kind == "sde" and (self.prior.kind != "rbm" or self.conditional.label_units):
             raise ValueError("model.prior.kind other than rbm and model.conditional apply to "
                              "kind=dvae only (the SDE-VAE's prior path relaxes an RBM)")

@@ -5,14 +5,16 @@ Training maximises the relaxed bound (docs/bounds.md)
     L̃(x) = E_L[log p(x|ζ) - E(ζ) - log q̃(ζ|x)] - log Z,   ζ = σ((α + L)/τ), L ~ Logistic(0, 1),
 
 where log Z enters only through its gradient -E_p[∇E], supplied by prior samples from a backend.
-Evaluation uses hard z ~ q(z|x): the discrete ELBO, the importance-weighted bound, and (for tiny
-latent spaces) the exact log p(x).
+`relaxation="power"` trains with DVAE#'s power-function overlapping relaxation instead
+(qvae.overlap: E(ζ) becomes the mean-field free energy of the relaxed prior, q̃ the mixture
+density, and τ is unused). Evaluation uses hard z ~ q(z|x): the discrete ELBO, the
+importance-weighted bound, and (for tiny latent spaces) the exact log p(x).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qvae import overlap
 from qvae.boltzmann import BoltzmannMachine
 from qvae.networks import (
     ACTIVATIONS,
@@ -38,6 +41,9 @@ from qvae.rbm import RBM, enumerate_states
 from qvae.relax import sample_logistic
 
 MAX_EXACT_LATENT = 20
+#: Training relaxations: GumBolt (ζ = σ((α + L)/τ)) or DVAE#'s power-function overlap
+#: (qvae.overlap; its sharpness is power_beta, and τ is unused).
+RELAXATIONS = ("gumbolt", "power")
 #: Bound on model.groups: each group is its own encoder network.
 MAX_GROUPS = 64
 
@@ -149,6 +155,8 @@ class DVAE(PixelInput, nn.Module):
         input_shape: Sequence[int] | None = None,
         prior: BoltzmannMachine | dict[str, Any] | None = None,
         label_units: int = 0,
+        relaxation: str = "gumbolt",
+        power_beta: float = 40.0,
     ) -> None:
         super().__init__()
         check_count(n_pixels, "n_pixels")
@@ -162,6 +170,17 @@ class DVAE(PixelInput, nn.Module):
         if label_units and (encoder is not None or input_shape is not None):
             raise ValueError("label_units (the class-conditional mode) works with the built-in "
                              "MLP encoder on flat inputs: leave encoder and input_shape out")
+        if relaxation not in RELAXATIONS:
+            raise ValueError(f"unknown relaxation {relaxation!r}; use one of {RELAXATIONS}")
+        if isinstance(power_beta, bool) or not isinstance(power_beta, (int, float)) or not (
+                1.0 <= power_beta <= 1000.0):
+            raise ValueError(f"power_beta must be a number in [1, 1000], got {power_beta!r}")
+        if relaxation == "power" and label_units:
+            raise ValueError("relaxation='power' relaxes every latent unit, and label units "
+                             "are observed (their relaxed density is infinite at 0 and 1): "
+                             "use relaxation='gumbolt' with label_units")
+        #: How training relaxes z (RELAXATIONS) and, for "power", the smoothing's β.
+        self.relaxation, self.power_beta = relaxation, float(power_beta)
         #: One-hot label units: z[..., :label_units] is set to the example's label, read from
         #: the last label_units columns of each data row (the class-conditional mode).
         self.label_units = label_units
@@ -263,6 +282,7 @@ class DVAE(PixelInput, nn.Module):
             "input_shape": None if self.input_shape is None else list(self.input_shape),
             "prior": structure(self.prior) if bm else None,
             "label_units": self.label_units,
+            "relaxation": self.relaxation, "power_beta": self.power_beta,
         }
 
     def _dry_run(self) -> None:
@@ -395,6 +415,14 @@ class DVAE(PixelInput, nn.Module):
         """`posterior` for a checked x, count and tau."""
         draw = self._hard_sample if tau is None else (
             lambda lg, s, g: self._relaxed_sample(lg, tau, s, g))
+        return self._draw_groups(x, num_samples, draw, generator)
+
+    def _draw_groups(
+        self, x: torch.Tensor, num_samples: int,
+        draw: Callable[[torch.Tensor, int, Any], torch.Tensor], generator: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, samples) of q(z|x) group by group, each group's samples drawn by
+        `draw(logits, S, generator)` and read by the later groups' networks."""
         labels = self._split(x)[1]
         if self.groups == 1:
             logits = self._encoder_logits(x)
@@ -414,6 +442,54 @@ class DVAE(PixelInput, nn.Module):
             all_logits.append(logits)
             samples.append(z)
         return torch.cat(all_logits, -1), torch.cat(samples, -1)
+
+    def _power_posterior(
+        self, x: torch.Tensor, num_samples: int, generator: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits, ζ, log ζ, log(1-ζ)) of the power-function relaxation (qvae.overlap), each
+        (S, B, n_latent) but the logits of one group ((B, n_latent))."""
+        logs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def draw(logits: torch.Tensor, count: int, gen: Any) -> torch.Tensor:
+            lz, l1z = overlap.power_sample(logits, self.power_beta, count, gen)
+            logs.append((lz, l1z))
+            return lz.exp()
+
+        logits, zeta = self._draw_groups(x, num_samples, draw, generator)
+        shape = (*zeta.shape[:-1], -1)  # later groups draw (1, S, B, k): one sample each
+        return (logits, zeta, torch.cat([lz.reshape(shape) for lz, _ in logs], -1),
+                torch.cat([l1z.reshape(shape) for _, l1z in logs], -1))
+
+    def _mean_field_classes(self) -> list[tuple[torch.Tensor, overlap.FieldFn]]:
+        """The prior's colour classes and local fields, for the mean-field sweeps (the RBM:
+        hidden then visible, as in the DVAE# code)."""
+        prior = self.prior
+        if isinstance(prior, BoltzmannMachine):
+            out = []
+            for units in prior.colour_classes:
+                rows = prior.coupling_rows(units).detach()
+                out.append((units, lambda m, u=units, r=rows: prior.local_field(m, u, rows=r)))
+            return out
+        nv, n = prior.n_visible, prior.n_units
+        w = prior.effective_weight().detach()
+        dev = w.device
+        return [
+            (torch.arange(nv, n, device=dev), lambda m: prior.hidden_bias + m[:, :nv] @ w),
+            (torch.arange(nv, device=dev), lambda m: prior.visible_bias + m[:, nv:] @ w.T),
+        ]
+
+    def relaxed_prior_free_energy(
+        self, log_zeta: torch.Tensor, log_1m_zeta: torch.Tensor
+    ) -> torch.Tensor:
+        """-log Z̃(ζ) by mean field for power-relaxed ζ given as (log ζ, log(1-ζ)), shape
+        (...): -log p(ζ) - log Z of the relaxed prior (qvae.overlap), differentiable in the
+        prior and in ζ."""
+        shift, const = overlap.smoothing_terms(log_zeta, log_1m_zeta, self.power_beta)
+        flat = shift.reshape(-1, self.n_latent)
+        free = overlap.mean_field_free_energy(
+            lambda m: self.prior_energy(m), self._mean_field_classes(), flat,
+            const.reshape(-1))
+        return free.reshape(shift.shape[:-1])
 
     def relaxed_sample(
         self, logits: torch.Tensor, tau: float, num_samples: int = 1, generator: Any = None
@@ -445,11 +521,14 @@ class DVAE(PixelInput, nn.Module):
 
     def _log_weights(self, x: torch.Tensor, logits: torch.Tensor, z: torch.Tensor):
         """(log p(x|z), E(z), log q(z|x)), each (S, B), for z of shape (S, B, n_latent)."""
+        return self._log_px(x, z), self.prior_energy(z), self._log_q(logits, z)
+
+    def _log_px(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """log p(x|z), (S, B), for z (S, B, n_latent) (hard or relaxed)."""
         pixels = self._split(x)[0]
-        log_px = -F.binary_cross_entropy_with_logits(
+        return -F.binary_cross_entropy_with_logits(
             self.decode(z), pixels.expand(z.shape[0], *pixels.shape), reduction="none"
         ).sum(-1)
-        return log_px, self.prior_energy(z), self._log_q(logits, z)
 
     # ------------------------------------------------------------------ training
     def loss(
@@ -463,7 +542,9 @@ class DVAE(PixelInput, nn.Module):
         term -kl_weight·mean_j E(z_j) has gradient kl_weight·∇log Z. With num_samples K > 1 the
         bound is the importance-weighted log mean_k exp(w_k), w_k = log p(x|ζ_k) -
         kl_weight·(E(ζ_k) + log q̃(ζ_k|x)); kl_weight = 1 gives the proper IW bound, other values
-        a tempered one (and K = 1 reduces to the usual KL-weighted bound).
+        a tempered one (and K = 1 reduces to the usual KL-weighted bound). With
+        relaxation="power", E(ζ) is the relaxed prior's mean-field free energy -log Z̃(ζ) and
+        q̃ the power-function mixture density (qvae.overlap); `tau` is then unused.
         Metrics: loss, bound_minus_logz (L̃ + log Z at kl_weight), recon,
         kl_minus_logz (E[E(ζ) + log q̃]), positive_energy (E[E(ζ)]), negative_energy.
 
@@ -484,8 +565,16 @@ class DVAE(PixelInput, nn.Module):
         if not (isinstance(kl_weight, (int, float)) and math.isfinite(kl_weight)) or kl_weight < 0:
             raise ValueError(f"kl_weight must be a finite number >= 0, got {kl_weight!r}")
         check_count(num_samples, "num_samples")
-        logits, zeta = self._posterior(x, num_samples, check_positive(tau, "tau"), generator)
-        log_px, energy, log_q = self._log_weights(x, logits, zeta)
+        check_positive(tau, "tau")
+        if self.relaxation == "power":
+            logits, zeta, lz, l1z = self._power_posterior(x, num_samples, generator)
+            log_px = self._log_px(x, zeta)
+            energy = self.relaxed_prior_free_energy(lz, l1z)  # -log Z̃(ζ): -log p(ζ) - log Z
+            log_q = overlap.log_mixture_density(
+                logits, lz, l1z, self.power_beta).sum(-1)
+        else:
+            logits, zeta = self._posterior(x, num_samples, tau, generator)
+            log_px, energy, log_q = self._log_weights(x, logits, zeta)
         kl = energy + log_q
         weights = log_px - kl_weight * kl  # (K, B)
         bound = torch.logsumexp(weights, 0) - math.log(num_samples)

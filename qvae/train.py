@@ -161,7 +161,8 @@ def build_model(
         prior, mask = build_prior(m.prior, m.n_visible + m.n_hidden, seed=cfg.seed,
                                   sampler=sampler), None
     return DVAE(**common, rbm_mask=mask, groups=m.groups, batch_norm=m.batch_norm,
-                prior=prior, label_units=labels)
+                prior=prior, label_units=labels, relaxation=m.relaxation,
+                power_beta=m.power_beta)
 
 
 def check_given_model(
@@ -718,12 +719,17 @@ def _diverged_message(
             if last_saved is not None else "no checkpoint was written")
     t = cfg.train
     lr = optimizer.param_groups[0]["lr"]
-    tau_text = f"τ = {tau:.3g}" if tau is not None else f"train.tau_end = {t.tau_end}"
+    if cfg.model.kind == "dvae" and cfg.model.relaxation == "power":
+        sharp = f"a relaxation too sharp (model.power_beta = {cfg.model.power_beta:g})"
+        fix = "lower model.power_beta"
+    else:
+        tau_text = f"τ = {tau:.3g}" if tau is not None else f"train.tau_end = {t.tau_end}"
+        sharp, fix = f"a relaxation temperature too low ({tau_text})", "raise train.tau_end"
     return (
         f"training diverged at step {step}: {what} is NaN or infinite; {kept}. Likely causes: "
-        f"a learning rate too high (lr now {lr:.3g}, train.lr = {t.lr}), a relaxation "
-        f"temperature too low ({tau_text}), or extreme data; lower train.lr, raise "
-        "train.tau_end or set train.grad_clip, then resume with `qvae train --out DIR --resume`"
+        f"a learning rate too high (lr now {lr:.3g}, train.lr = {t.lr}), {sharp}, or extreme "
+        f"data; lower train.lr, {fix} or set train.grad_clip, then resume with "
+        "`qvae train --out DIR --resume`"
     )
 
 

@@ -1,0 +1,78 @@
+"""`benchmarks/paper_table.py record`: a "beat it" row from a finished `qvae train` run, whose
+command reproduces the run's config exactly, and the configs/beat recipes."""
+
+import importlib.util
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+
+from qvae.config import load_config
+from qvae.configs_path import resolve_config_path
+from qvae.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["train.steps=4", "backend.num_samples=10", "train.validate_every=2",
+         "train.validate_examples=20", "train.validate_num_iw=4", "train.validate_ais_betas=20",
+         "train.validate_ais_runs=4", "eval.num_iw=4", "eval.max_examples=20",
+         "eval.ais_betas=20", "eval.ais_runs=4", "train.checkpoint_every=2",
+         "train.sample_grid=0", "model.relaxation=power", "model.power_beta=30"]
+
+
+def paper_table():
+    spec = importlib.util.spec_from_file_location("paper_table",
+                                                  ROOT / "benchmarks/paper_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_record_writes_a_row_whose_command_reproduces_the_run(tmp_path, capsys):
+    pt = paper_table()
+    cfg = load_config(resolve_config_path("beat/2-layer-nonlin"), SMALL)
+    run = tmp_path / "runs" / "power-2-layer"
+    train(cfg, run, progress=False)
+    beat = tmp_path / "beat"
+    assert pt.main(["record", str(run), "--change", "power relaxation", "--beat-dir",
+                    str(beat)]) == 0
+    row = json.loads((beat / "power-2-layer.json").read_text())
+    assert row["structure"] == "2-layer-nonlin" and row["relaxation"] == "power"
+    assert row["steps_done"] == 4 and row["test"]["checkpoint_step"] in (2, 4)
+    argv = shlex.split(row["command"])
+    assert argv[:5] == ["OMP_NUM_THREADS=1", "qvae", "train", "--config", "beat/2-layer-nonlin"]
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    again = load_config(resolve_config_path("beat/2-layer-nonlin"), sets)
+    assert again.model_dump(mode="json") == json.loads((run / "config.json").read_text())
+    assert pt.main(["table", "--json-dir", str(tmp_path / "none"), "--beat-dir",
+                    str(beat)]) == 0
+    out = capsys.readouterr().out
+    assert "| 2-layer-nonlin | power relaxation | k=1 bound |" in out
+
+
+def test_record_refuses_a_model_of_no_paper_structure(tmp_path):
+    pt = paper_table()
+    cfg = load_config(resolve_config_path("smoke"), ["train.steps=2", "train.sample_grid=0",
+                                                     "eval.num_iw=2", "eval.max_examples=10"])
+    train(cfg, tmp_path / "run", progress=False)
+    with pytest.raises(SystemExit, match="none of the structures"):
+        pt.main(["record", str(tmp_path / "run"), "--change", "x", "--beat-dir",
+                 str(tmp_path / "beat")])
+
+
+@pytest.mark.parametrize("name", ["1-layer-nonlin", "2-layer-nonlin", "4-layer-nonlin"])
+def test_beat_configs_are_the_paper_structures_with_the_protocol_evaluation(name):
+    beat, paper = (load_config(resolve_config_path(f"{kind}/{name}")) for kind in
+                   ("beat", "paper"))
+    pt = paper_table()
+    assert pt.structure_of(beat.model.model_dump(mode="json")) == name
+    assert beat.eval == paper.eval  # K = 4,000, AIS 10^4 x 100, test split
+    for key in ("validate_every", "validate_examples", "validate_num_iw", "validate_ais_betas",
+                "validate_ais_runs"):
+        assert getattr(beat.train, key) == getattr(paper.train, key), key
+    mnist = load_config(resolve_config_path("mnist"))  # qvae's own recipe
+    for key in ("steps", "lr", "lr_schedule", "lr_final", "kl_warmup_steps", "tau_start",
+                "tau_end", "weight_decay", "adam_eps"):
+        assert getattr(beat.train, key) == getattr(mnist.train, key), key
+    assert (beat.backend.num_samples, beat.backend.options) == (
+        mnist.backend.num_samples, mnist.backend.options)
