@@ -229,6 +229,7 @@ def _parse_options(items: list[str], flag: str) -> dict:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from qvae import threads
+    from qvae.checkpoint import CHECKPOINT_NAME
     from qvae.config import apply_overrides, validate_config
     from qvae.evaluate import evaluate_model
 
@@ -250,7 +251,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             out = run_dir / f"eval-{stamp}-{n}.json"
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it, or another --out")
-    extra = {"checkpoint_step": state.get("step")}
+    name = (args.checkpoint.name if args.checkpoint.is_file() else CHECKPOINT_NAME)
+    extra = {"checkpoint": name, "checkpoint_step": state.get("step")}
     if state.get("sampler_counters"):
         extra["training_sampler"] = state["sampler_counters"]
     # A bar only on a terminal: in a log file its carriage-return updates are noise.

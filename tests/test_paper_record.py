@@ -50,6 +50,22 @@ def test_record_writes_a_row_whose_command_reproduces_the_run(tmp_path, capsys):
     assert "| 2-layer-nonlin | power relaxation | k=1 bound |" in out
 
 
+def test_qvae_evaluate_names_the_checkpoint_it_scored(tmp_path, capsys):
+    from qvae.cli import main as cli_main
+
+    cfg = load_config(resolve_config_path("smoke"), ["train.steps=2", "train.sample_grid=0",
+                                                     "eval.num_iw=2", "eval.max_examples=10"])
+    train(cfg, tmp_path / "run", progress=False)
+    for target, name in ((tmp_path / "run", "last.pt"), (tmp_path / "run" / "last.pt",
+                                                         "last.pt")):
+        out = tmp_path / f"e-{target.name}.json"
+        assert cli_main(["evaluate", str(target), "--num-iw", "2", "--max-examples", "10",
+                         "--out", str(out), "--no-progress"]) == 0
+        row = json.loads(out.read_text())
+        assert (row["checkpoint"], row["checkpoint_step"]) == (name, 2)
+    capsys.readouterr()
+
+
 def test_record_refuses_a_model_of_no_paper_structure(tmp_path):
     pt = paper_table()
     cfg = load_config(resolve_config_path("smoke"), ["train.steps=2", "train.sample_grid=0",
