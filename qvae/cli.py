@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -178,7 +179,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"note: {conditional_note(cfg)}", file=sys.stderr)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = args.out or Path("runs") / f"{cfg.name}-{cfg.backend.name}-{stamp}"
-    result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    terminated = []
+
+    def on_term(signum, frame):  # a scheduler's or a session's end: stop like Ctrl-C
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     counters = SamplerCounters.from_dict(cfg.backend.name, result.sampling)
     if args.out is None and counters.fallback_servers():
         # A default name says who sampled: `smoke-dwave-...` served by neal is not a dwave run.
@@ -189,9 +200,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                         else v for k, v in result.files.items()}
         out = renamed
     if result.interrupted:
-        print(f"\ninterrupted at step {result.step}; checkpoint saved. Continue with:\n"
+        how = "terminated (SIGTERM)" if terminated else "interrupted"
+        print(f"\n{how} at step {result.step}; checkpoint saved. Continue with:\n"
               f"  qvae train --out {out} --resume", file=sys.stderr)
-        return 130
+        return 143 if terminated else 130
     print(f"\ntrained {result.step} steps with backend {cfg.backend.name!r}; run directory {out}")
     print(f"  sampling: {counters.summary()}")
     for name, path in result.files.items():
