@@ -221,6 +221,10 @@ def record(run_dir: Path, change: str, eval_name: str, base: str | None,
     """benchmarks/paper/beat/<run name>.json: one "beat it" row from a finished run."""
     from qvae.atomic import write_bytes_atomic
 
+    for need in (run_dir / "config.json", run_dir / eval_name):
+        if not need.is_file():
+            raise SystemExit(f"error: {need} not found: record takes a `qvae train` run "
+                             "directory and the name of its evaluation JSON (--eval)")
     saved = json.loads((run_dir / "config.json").read_text())
     evaluation = json.loads((run_dir / eval_name).read_text())
     metrics = _rows(run_dir / "metrics.jsonl")

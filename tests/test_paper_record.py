@@ -71,6 +71,10 @@ def test_record_refuses_a_model_of_no_paper_structure(tmp_path):
     cfg = load_config(resolve_config_path("smoke"), ["train.steps=2", "train.sample_grid=0",
                                                      "eval.num_iw=2", "eval.max_examples=10"])
     train(cfg, tmp_path / "run", progress=False)
+    for bad in (["record", str(tmp_path / "missing"), "--change", "x"],
+                ["record", str(tmp_path / "run"), "--change", "x", "--eval", "nope.json"]):
+        with pytest.raises(SystemExit, match="not found"):
+            pt.main(bad)
     with pytest.raises(SystemExit, match="none of the structures"):
         pt.main(["record", str(tmp_path / "run"), "--change", "x", "--beat-dir",
                  str(tmp_path / "beat")])
