@@ -162,22 +162,41 @@ def _fmt_nll(test: dict | None) -> str:
             f"± {test.get('log_z_std') or 0.0:.2f} (log Z)")
 
 
+#: The table's objective columns: the k = 1 bound and the IW bound at the k the paper reports.
+TABLE_KS = (1, 5)
+
+
 def table(json_dir: Path) -> str:
+    """Every cell of the structure × objective grid, started or not, so the gaps are visible.
+
+    "full run at this rate (h)" is the cell's step count (10⁶ for the protocol) at its measured
+    rate: how far the run is from a protocol result on the machine it ran on.
+    """
     lines = ["| structure | objective | test NLL (nats) | best valid NLL (step) | steps | "
-             "train h | steps/s | machine | status |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for path in sorted(json_dir.glob("*.json")):
-        r = json.loads(path.read_text())
+             "train h | steps/s | full run at this rate (h) | machine | status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    reports = {p.stem: json.loads(p.read_text()) for p in json_dir.glob("*.json")}
+    cells = [cell_name(s, k) for s in STRUCTURES for k in TABLE_KS]
+    cells += sorted(set(reports) - set(cells))  # another k someone ran: still shown, last
+    for cell in cells:
+        r = reports.get(cell)
+        if r is None:
+            structure, k = cell.rsplit("-k", 1)
+            objective = "k=1 bound" if k == "1" else f"importance-weighted bound, k={k}"
+            lines.append(f"| {structure} | {objective} | — | — | 0 | — | — | — | — | "
+                         "not started |")
+            continue
         best = r.get("best_valid")
         best_s = f"{best['nll']:.2f} ({best['step']})" if best else "—"
         m = r["machine"]
         where = m.get("cuda") or f"{m.get('processor')}, {m.get('torch_threads')} thread(s)"
         rate = r.get("steps_per_second")
         hours = r["train_seconds"] / 3600
+        whole = f"{r['steps_protocol'] / rate / 3600:.1f}" if rate else "—"
         lines.append(
             f"| {r['structure']} | {r['objective']} | {_fmt_nll(r.get('test'))} | {best_s} | "
             f"{r['steps_done']:,} / {r['steps_protocol']:,} | {hours:.2f} | "
-            f"{f'{rate:.1f}' if rate else '—'} | {where} | {r['status']} |")
+            f"{f'{rate:.1f}' if rate else '—'} | {whole} | {where} | {r['status']} |")
     return "\n".join(lines)
 
 

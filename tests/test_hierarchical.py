@@ -310,4 +310,12 @@ def test_paper_table_script_trains_a_cell_resumes_and_labels_it(tmp_path, capsys
     assert report["objective"] == "importance-weighted bound, k=2"
     assert "--k 2" in report["command"]
     assert paper_table.main(["table", "--json-dir", str(tmp_path / "json")]) == 0
-    assert "| 4-layer-nonlin | importance-weighted bound, k=2 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| 4-layer-nonlin | importance-weighted bound, k=2 |" in out
+    # the whole grid is shown, so a cell nobody started is visible as a gap, not left out
+    for structure in paper_table.STRUCTURES:
+        for objective in ("k=1 bound", "importance-weighted bound, k=5"):
+            assert f"| {structure} | {objective} | — | — | 0 |" in out
+    row = next(line for line in out.splitlines() if "k=2" in line).split(" | ")
+    rate, whole = float(row[6]), float(row[7])  # the full run at the measured rate, hours
+    assert whole == pytest.approx(6 / rate / 3600, abs=0.06)
