@@ -5,6 +5,7 @@
     python benchmarks/paper_table.py train 2-layer-nonlin --k 5      # importance-weighted k = 5
     python benchmarks/paper_table.py table                           # the table of all cells
     python benchmarks/paper_table.py record runs/beat/X --change "what differs"  # a beat-it row
+    python benchmarks/paper_table.py plot                            # curves.png: NLL vs steps
 
 A cell trains `configs/paper/<structure>.yaml` (the reference protocol: 10⁶ steps, validation
 NLL every 20,000 steps selecting `best.pt`, test NLL with K = 4,000 and AIS log Z) in
@@ -293,6 +294,41 @@ def beat_table(beat_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def plot_curves(json_dir: Path, beat_dir: Path, out: Path) -> Path:
+    """Validation NLL against steps: protocol cells solid, beat-it rows dashed, on one axis, so
+    where each partial run is heading (and how it compares) can be read at a glance."""
+    import matplotlib
+    matplotlib.use("Agg")  # a file, never a window
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    drawn = 0
+    for style, folder, label_of in (("-", json_dir, lambda r: f"protocol {r['cell']}"),
+                                    ("--", beat_dir, lambda r: f"beat: {r['name']}")):
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            r = json.loads(path.read_text())
+            curve = r.get("validation_curve") or []
+            if not curve:
+                continue
+            ax.plot([c["step"] for c in curve], [c["nll"] for c in curve], style, marker=".",
+                    label=label_of(r))
+            drawn += 1
+    if not drawn:
+        plt.close(fig)
+        raise SystemExit(f"error: no validation curves in {json_dir} or {beat_dir}: train a cell "
+                         "first (python benchmarks/paper_table.py train 1-layer-nonlin)")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation NLL (nats, K = 100, AIS log Z)")
+    ax.set_title("DVAE# MNIST structures: validation NLL against steps")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -311,6 +347,11 @@ def main(argv: list[str] | None = None) -> int:
                        "beat-it rows of benchmarks/paper/beat/*.json")
     s.add_argument("--json-dir", type=Path, default=JSON_DIR)
     s.add_argument("--beat-dir", type=Path, default=BEAT_DIR)
+    c = sub.add_parser("plot", help="plot every validation curve (protocol cells and beat-it "
+                       "rows) against steps")
+    c.add_argument("--json-dir", type=Path, default=JSON_DIR)
+    c.add_argument("--beat-dir", type=Path, default=BEAT_DIR)
+    c.add_argument("--out", type=Path, default=JSON_DIR / "curves.png")
     r = sub.add_parser("record", help="write a beat-it row from a finished `qvae train` run")
     r.add_argument("run_dir", type=Path)
     r.add_argument("--change", required=True, help="what this run changes, for the table")
@@ -327,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.minutes is not None and not args.minutes > 0:
             p.error("--minutes must be > 0")
         return cmd_train(args)
+    if args.command == "plot":
+        print(f"wrote {plot_curves(args.json_dir, args.beat_dir, args.out)}")
+        return 0
     if args.command == "record":
         print(f"wrote {record(args.run_dir, args.change, args.eval, args.base, args.beat_dir)}")
         return 0

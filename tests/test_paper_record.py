@@ -96,3 +96,22 @@ def test_beat_configs_are_the_paper_structures_with_the_protocol_evaluation(name
         assert getattr(beat.train, key) == getattr(mnist.train, key), key
     assert (beat.backend.num_samples, beat.backend.options) == (
         mnist.backend.num_samples, mnist.backend.options)
+
+
+def test_plot_draws_every_curve_and_refuses_when_there_is_none(tmp_path):
+    pt = paper_table()
+    cells, beat = tmp_path / "cells", tmp_path / "beat"
+    cells.mkdir()
+    beat.mkdir()
+    curve = [{"step": 20000, "nll": 100.0}, {"step": 40000, "nll": 98.5}]
+    (cells / "1-layer-nonlin-k1.json").write_text(json.dumps(
+        {"cell": "1-layer-nonlin-k1", "validation_curve": curve}))
+    (beat / "r.json").write_text(json.dumps({"name": "r", "validation_curve": curve}))
+    (beat / "no-curve.json").write_text(json.dumps({"name": "x", "validation_curve": []}))
+    out = tmp_path / "png" / "curves.png"
+    assert pt.main(["plot", "--json-dir", str(cells), "--beat-dir", str(beat),
+                    "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="no validation curves"):
+        pt.main(["plot", "--json-dir", str(tmp_path / "none"), "--beat-dir",
+                 str(tmp_path / "none"), "--out", str(tmp_path / "x.png")])
