@@ -7,7 +7,8 @@ A chain backend is a kernel, a plain function of tensors that runs k steps of ev
 - options every chain backend has (`ChainOptions`: burn-in, chains, persistence, device, dtype),
   checked by the options model only;
 - the split of a call into chains and rounds (`Plan`: `n_chains` chains, `rounds` rounds of
-  `num_steps` steps each), derived once and used by both the sampler and its work model;
+  `num_steps` steps each, `replicas` copies of each chain for replica exchange), derived once
+  and used by both the sampler and its work model;
 - the generator: a seed gives a fresh one, no seed continues the last one;
 - the persistent chains (`Chains`): chains of the same shape continue (PCD); a new shape, no
   chains yet, or `persistent=False` start fresh chains, which are burned in; the kept state
@@ -17,7 +18,7 @@ A chain backend is a kernel, a plain function of tensors that runs k steps of ev
 
 >>> o = ChainOptions(num_chains=4)
 >>> Plan.of(o.num_chains, 10)
-Plan(n_chains=4, rounds=3)
+Plan(n_chains=4, rounds=3, replicas=1)
 >>> chains = Chains(o, key="position")
 >>> chains.resume((4, 3)) is None  # nothing kept yet: fresh chains
 True
@@ -89,15 +90,23 @@ def device_here(backend: str, value: str) -> torch.device:
 @dataclass(frozen=True)
 class Plan:
     """How one call of `num_samples` samples runs: `n_chains` chains for `rounds` rounds (the
-    samples of round r are the chain states after r + 1 rounds of steps; extras are dropped)."""
+    samples of round r are the chain states after r + 1 rounds of steps; extras are dropped).
+    With replica exchange each chain runs as `replicas` states at different temperatures (the
+    samples come from one of them): the kernel runs `rows` states, and the work is that many."""
 
     n_chains: int
     rounds: int
+    replicas: int = 1
 
     @classmethod
-    def of(cls, num_chains: int | None, num_samples: int) -> Plan:
+    def of(cls, num_chains: int | None, num_samples: int, replicas: int = 1) -> Plan:
         n_chains = num_chains or num_samples
-        return cls(n_chains, -(-num_samples // n_chains))
+        return cls(n_chains, -(-num_samples // n_chains), replicas)
+
+    @property
+    def rows(self) -> int:
+        """Chain states the kernel runs: n_chains × replicas."""
+        return self.n_chains * self.replicas
 
     def steps(self, burn_in: int, per_round: int, fresh: bool = True) -> int:
         """Kernel steps of one call: the burn-in (fresh chains only) and every round's."""
@@ -231,13 +240,17 @@ class ChainSampler(Sampler):
     """Base of the persistent-chain backends: the shell's chains, checkpoints and work model.
 
     A subclass declares its `Options` (a `ChainOptions`), `round_option` (the option giving the
-    kernel steps per round) and `step_word`, `STEP_COST` and `STEP_OVERHEAD` (its work model),
+    kernel steps per round), `replica_option` (the option giving the replicas per chain, if it
+    has replica exchange) and `step_word`, `STEP_COST` and `STEP_OVERHEAD` (its work model),
     `chain_key` (what its chain state is called in checkpoints), `state_bytes`, and `_sample`
     (which uses `self.chains`, `self.plan`, `burn_in` and `run_rounds`).
     """
 
     Options: ClassVar[type[BackendOptions]] = ChainOptions
     round_option: ClassVar[str] = "num_steps"
+    #: The option giving each chain's replicas (replica exchange multiplies the states, the
+    #: work and the memory by it); None: one state per chain.
+    replica_option: ClassVar[str | None] = None
     step_word: ClassVar[str] = "steps"
     chain_key: ClassVar[str] = "position"
     #: Options whose value the chains carry and may change (MALA's adapted step size): kept
@@ -260,30 +273,49 @@ class ChainSampler(Sampler):
         """Memory of one call: chain state, kernel buffers and the samples kept."""
 
     @classmethod
+    def plan_of(cls, options: BackendOptions, num_samples: int) -> Plan:
+        """The `Plan` of a call under (parsed) `options`: the one split the sampler runs and
+        its work model prices."""
+        replicas = getattr(options, cls.replica_option) if cls.replica_option else 1
+        return Plan.of(options.num_chains, num_samples, replicas)
+
+    @classmethod
+    def step_cost(cls, plan: Plan) -> tuple[float, float]:
+        """(cost of one step of one chain state per unit of size, fixed cost of a step) under
+        `plan`: STEP_COST and STEP_OVERHEAD; a backend whose replicas add work per step (swap
+        moves) says how much more here."""
+        return cls.STEP_COST, cls.STEP_OVERHEAD
+
+    @classmethod
     def work(cls, options: Mapping[str, Any] | BackendOptions, shape: ProblemShape,
              num_samples: int) -> dict[str, Cost]:
         o = cls.parse_options(options)
-        plan = Plan.of(o.num_chains, num_samples)
+        plan = cls.plan_of(o, num_samples)
         per_round = getattr(o, cls.round_option)
         elem, chains, size = DTYPES[o.dtype].itemsize, plan.n_chains, shape.size
-        scale = "" if cls.STEP_COST == 1 else f"{cls.STEP_COST:g} × "
+        cost, overhead = cls.step_cost(plan)
+        scale = "" if cost == 1 else f"{cost:g} × "
+        tempered = cls.replica_option is not None and plan.replicas > 1
+        replicas = f" × {cls.replica_option} {plan.replicas}" if tempered else ""
+        scaled_by = (cls.replica_option,) if tempered else ()
         return {
             "work": Cost(plan.steps(o.burn_in, per_round)
-                         * (cls.STEP_COST * chains * size + cls.STEP_OVERHEAD),
+                         * (cost * plan.rows * size + overhead),
                          f"(burn_in {o.burn_in} + {plan.rounds} round(s) × {cls.round_option} "
-                         f"{per_round}) {cls.step_word} × ({scale}num_chains {chains} × size "
-                         f"{size} + {cls.STEP_OVERHEAD:g})",
-                         (cls.round_option, "burn_in", "num_chains", "num_samples")),
+                         f"{per_round}) {cls.step_word} × ({scale}num_chains {chains}{replicas} "
+                         f"× size {size} + {overhead:g})",
+                         (cls.round_option, "burn_in", "num_chains", *scaled_by, "num_samples")),
             "state_bytes": Cost(cls.state_bytes(plan, num_samples, shape.n_units, elem),
-                                f"num_chains {chains} × {shape.n_units} units × {elem} bytes",
-                                ("num_chains", "num_samples")),
+                                f"num_chains {chains}{replicas} × {shape.n_units} units × "
+                                f"{elem} bytes", ("num_chains", *scaled_by, "num_samples")),
         }
 
     def plan(self, num_samples: int, n_units: int) -> Plan:
         """This call's chains and rounds, after refusing chain state over MAX_STATE_BYTES."""
-        plan = Plan.of(self.options.num_chains, num_samples)
+        plan = self.plan_of(self.options, num_samples)
+        replicas = f" × {self.replica_option}={plan.replicas}" if plan.replicas > 1 else ""
         check_state_bytes(self.state_bytes(plan, num_samples, n_units, self.chains.dtype.itemsize),
-                          f"num_chains={plan.n_chains} on {n_units} units")
+                          f"num_chains={plan.n_chains}{replicas} on {n_units} units")
         return plan
 
     def chain_info(self, plan: Plan, fresh: bool) -> dict[str, Any]:

@@ -4,14 +4,20 @@ RBM: a sweep is v ~ p(v | h) then h ~ p(h | v) for every chain at once; the chai
 `BoltzmannMachine` (any graph): a sweep redraws each colour class in turn from its exact
 conditional (the units of a class are independent given the rest), every chain at once; the
 chain state is the full z. Chains persist across calls for the same model kind and shape (and
-are re-initialised and burned in when the kind, shape, chain count, device or dtype changes), so
-a trainer pays burn-in once and `num_sweeps` per call.
+are re-initialised and burned in when the kind, shape, chain count, replica count, device or
+dtype changes), so a trainer pays burn-in once and `num_sweeps` per call.
+
+With `num_replicas` K > 1 both kernels run replica exchange (parallel tempering,
+`backends.tempering`): each chain is K states on a β ladder, adjacent ones proposing to swap
+after every sweep, and the samples are the target replica's. The chain state is then K times as
+many rows (replica-major: the target's chains first).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -20,12 +26,16 @@ from backends.base import SampleSet, Timer, energies
 from backends.chains import ChainOptions, ChainSampler, Plan, burn_in, run_rounds
 from backends.numerics import check_precision, precision_limit
 from backends.options import Capabilities, Field
+from backends.tempering import ReplicaExchange, ladder
 from qvae import cancel
 from qvae.boltzmann import DENSE_MIN_DENSITY, LAYOUTS, BoltzmannMachine
 from qvae.rbm import RBM
 
 #: Uniforms for up to this many bytes are drawn in one go (several sweeps' worth when they fit).
 BLOCK_BYTES = 4 << 20
+
+#: Most replicas per chain (replica exchange multiplies a call's work and memory by their number).
+MAX_REPLICAS = 64
 
 _FULL_RANGE = -(2**63)  # random_(_FULL_RANGE, None) on int64: all 64 bits uniform
 
@@ -95,6 +105,7 @@ def gibbs_sweeps(
     generator: torch.Generator,
     *,
     block_bytes: int = BLOCK_BYTES,
+    exchange: ReplicaExchange | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run `num_sweeps` block-Gibbs sweeps from hidden state `h`; return the last (v, h).
 
@@ -104,38 +115,66 @@ def gibbs_sweeps(
     written with `out=` / in place, the matmuls run on the {0,1} float state, and the uniforms
     for several sweeps (up to `block_bytes`) are drawn at once by `draw_uniforms`. `h` is left
     untouched; the returned (v, h) are new tensors.
+
+    With `exchange` (replica exchange): the rows of `h` are its K replicas of the chains, the
+    parameters are at β = 1 and each row's inputs are scaled by its own β; after every sweep
+    the replicas propose swaps (`ReplicaExchange.swap`), with E(v, h) from the sweep's own
+    product c + v W and uniforms from the same draws, and the (v, h) rows are permuted.
+    Without it, the sweep is exactly the plain one (same operations, same draws).
     """
     if isinstance(num_sweeps, bool) or not isinstance(num_sweeps, int) or num_sweeps < 1:
         raise ValueError(f"num_sweeps must be an int >= 1, got {num_sweeps!r}")
     n, nh = h.shape
     nv = weight.shape[0]
-    per_sweep = n * (nv + nh)
+    if exchange is not None and exchange.rows != n:
+        raise ValueError(f"the exchange has {exchange.rows} chain states, h has {n} rows")
+    per_sweep = n * (nv + nh) + (0 if exchange is None else exchange.uniforms)
     block = max(1, min(num_sweeps, block_bytes // max(1, per_sweep * h.element_size())))
     storage, uniforms = uniform_buffer(block * per_sweep, h.dtype, h.device)
     uniforms = uniforms.view(block, per_sweep)
     u_v = uniforms[:, : n * nv].unflatten(1, (n, nv))  # each [i] contiguous
-    u_h = uniforms[:, n * nv :].unflatten(1, (n, nh))
+    u_h = uniforms[:, n * nv : n * (nv + nh)].unflatten(1, (n, nh))
+    u_swap = uniforms[:, n * (nv + nh) :]
     v, h_out = h.new_empty(n, nv), h.new_empty(n, nh)
     pre_v, pre_h = h.new_empty(n, nv), h.new_empty(n, nh)
+    prob_h = None if exchange is None else h.new_empty(n, nh)
     weight_t = weight.T  # a view: BLAS takes the transpose as is
     for start in range(0, num_sweeps, block):
         draw_uniforms(storage, generator)
         for i in range(min(block, num_sweeps - start)):
             torch.addmm(visible_bias, h, weight_t, out=pre_v)
+            if exchange is not None:
+                pre_v.mul_(exchange.beta_rows)
             torch.lt(u_v[i], pre_v.sigmoid_(), out=v)
             torch.addmm(hidden_bias, v, weight, out=pre_h)
-            torch.lt(u_h[i], pre_h.sigmoid_(), out=h_out)
+            if exchange is None:
+                torch.lt(u_h[i], pre_h.sigmoid_(), out=h_out)
+            else:  # keep c + v W at β = 1 for the energy
+                torch.mul(pre_h, exchange.beta_rows, out=prob_h)
+                torch.lt(u_h[i], prob_h.sigmoid_(), out=h_out)
+                swap_rbm_replicas(exchange, v, h_out, pre_h, visible_bias, u_swap[i])
             h = h_out
             cancel.check()  # a service's wall-time limit or shutdown stops the run here
     return v, h_out
 
 
+def swap_rbm_replicas(exchange: ReplicaExchange, v: torch.Tensor, h: torch.Tensor,
+                      pre_h: torch.Tensor, visible_bias: torch.Tensor, u: torch.Tensor) -> None:
+    """One round of swap proposals on the RBM kernel's rows, in place: E(v, h) at β = 1 is
+    −b·v − h·(c + v W), with c + v W (`pre_h`) already computed by the sweep."""
+    energy = torch.addmv(torch.linalg.vecdot(h, pre_h), v, visible_bias).neg_()
+    perm = exchange.swap(energy, u)
+    v.copy_(v[perm])
+    h.copy_(h[perm])
+
+
 def gibbs_advance(
-    generator: torch.Generator, h: torch.Tensor, params: Sequence[torch.Tensor], num_sweeps: int
+    generator: torch.Generator, h: torch.Tensor, params: Sequence[torch.Tensor], num_sweeps: int,
+    *, exchange: ReplicaExchange | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`gibbs_sweeps` in the chain shell's shape: (state h, info v) after `num_sweeps` sweeps,
-    `params` = (β W, β b, β c)."""
-    v, h = gibbs_sweeps(h, *params, num_sweeps, generator)
+    `params` = (β W, β b, β c), or (W, b, c) with an `exchange` (β per replica)."""
+    v, h = gibbs_sweeps(h, *params, num_sweeps, generator, exchange=exchange)
     return h, v
 
 
@@ -200,6 +239,7 @@ def colour_gibbs_sweeps(
     generator: torch.Generator,
     *,
     block_bytes: int = BLOCK_BYTES,
+    exchange: ReplicaExchange | None = None,
 ) -> torch.Tensor:
     """Run `num_sweeps` colour-class block-Gibbs sweeps from `zt`; return the new state.
 
@@ -212,15 +252,23 @@ def colour_gibbs_sweeps(
     own class (J[c, c] = 0: a complete k-partite model then costs what its couplings cost); a
     sparse one is a sparse matmul. Uniforms for several sweeps are drawn at once, as in
     `gibbs_sweeps`. `zt` is left untouched.
+
+    With `exchange` (replica exchange): the columns are its K replicas of the chains, the
+    blocks are at β = 1 and each column's inputs are scaled by its own β; after every sweep
+    the replicas propose swaps with E(z) from `block_energies` and the columns are permuted.
     """
     if isinstance(num_sweeps, bool) or not isinstance(num_sweeps, int) or num_sweeps < 1:
         raise ValueError(f"num_sweeps must be an int >= 1, got {num_sweeps!r}")
     zt = zt.clone()
     n, chains = zt.shape
-    per_sweep = n * chains
+    if exchange is not None and exchange.rows != chains:
+        raise ValueError(f"the exchange has {exchange.rows} chain states, zt has {chains} columns")
+    per_sweep = n * chains + (0 if exchange is None else exchange.uniforms)
     block = max(1, min(num_sweeps, block_bytes // max(1, per_sweep * zt.element_size())))
     storage, uniforms = uniform_buffer(block * per_sweep, zt.dtype, zt.device)
     uniforms = uniforms.view(block, per_sweep)
+    u_swap = uniforms[:, n * chains :]
+    beta = None if exchange is None else exchange.beta_rows.T  # (1, K·n): β of each column
     steps = []  # per class: its state rows, its uniforms, and how to compute its input
     for b in blocks:
         u = uniforms[:, b.start * chains : b.stop * chains].unflatten(1, (b.stop - b.start,
@@ -241,7 +289,12 @@ def colour_gibbs_sweeps(
                         pre.addmm_(rows, rest)
                 else:  # a class coupled to nothing
                     pre.copy_(b.bias.expand_as(pre))
+                if beta is not None:
+                    pre.mul_(beta)
                 torch.lt(u[i], pre.sigmoid_(), out=z_c)
+            if exchange is not None:
+                perm = exchange.swap(block_energies(zt, blocks), u_swap[i])
+                zt.copy_(zt[:, perm])
             cancel.check()  # a service's wall-time limit or shutdown stops the run here
     return zt
 
@@ -268,10 +321,10 @@ def block_energies(zt: torch.Tensor, blocks: Sequence[ColourBlock]) -> torch.Ten
 
 
 def colour_gibbs_advance(generator: torch.Generator, zt: torch.Tensor,
-                         params: Sequence[ColourBlock], num_sweeps: int
-                         ) -> tuple[torch.Tensor, None]:
+                         params: Sequence[ColourBlock], num_sweeps: int, *,
+                         exchange: ReplicaExchange | None = None) -> tuple[torch.Tensor, None]:
     """`colour_gibbs_sweeps` in the chain shell's shape (the state is also the sample)."""
-    return colour_gibbs_sweeps(zt, params, num_sweeps, generator), None
+    return colour_gibbs_sweeps(zt, params, num_sweeps, generator, exchange=exchange), None
 
 
 def check_bm_precision(bm: BoltzmannMachine, dtype: torch.dtype, *, backend: str,
@@ -298,10 +351,18 @@ class GibbsOptions(ChainOptions):
     num_sweeps: int = Field(10, ge=1, description="sweeps per call, and between successive "
                             "rounds when num_samples > num_chains")
     burn_in: int = Field(100, ge=0, description="sweeps run once when chains start: on the "
-                         "first call, a new hidden-layer size or chain count, every call when "
-                         "persistent is false")
+                         "first call, a new hidden-layer size, chain or replica count, every "
+                         "call when persistent is false")
     beta: float = Field(1.0, gt=0, description="inverse temperature: samples follow "
                         "exp(-beta * E)")
+    num_replicas: int = Field(1, ge=1, le=MAX_REPLICAS, description="replica exchange (parallel "
+                              "tempering): each chain runs this many replicas on a geometric "
+                              "ladder from beta down to beta * min_beta, adjacent ones proposing "
+                              "to swap after every sweep, and the samples are the beta "
+                              "replica's; work and memory scale with it. 1: plain Gibbs")
+    min_beta: float = Field(0.3, gt=0, lt=1, description="the hottest replica's inverse "
+                            "temperature as a fraction of beta: replica k runs at beta * "
+                            "min_beta^(k / (num_replicas - 1)) (used when num_replicas > 1)")
 
 
 class GibbsSampler(ChainSampler):
@@ -309,45 +370,76 @@ class GibbsSampler(ChainSampler):
 
     For an RBM the chain state is h (kept as "hidden" in checkpoints); for a BoltzmannMachine
     it is the full z in `variables` order (kept as "states"). `num_sweeps` sweeps per round.
+    With `num_replicas` K > 1 the state has K · num_chains rows (replica-major) and checkpoints
+    also hold "replicas" (K) and "swap_parity" (the next round of swap proposals).
     """
 
     name = "gibbs"
     Options = GibbsOptions
     capabilities = Capabilities(resource="cpu", output="binary", any_graph=True)
     round_option, step_word, chain_key = "num_sweeps", "sweeps", "hidden"
-    #: Work model: every sweep costs each chain its units + couplings, plus a fixed dispatch
-    #: cost of ~20 µs (≈ 2·10^5 update-equivalents) however small the problem.
+    replica_option = "num_replicas"
+    #: Work model: every sweep costs each chain state (num_chains × num_replicas of them) its
+    #: units + couplings, plus a fixed dispatch cost of ~20 µs (≈ 2·10^5 update-equivalents)
+    #: however small the problem.
     STEP_COST, STEP_OVERHEAD = 1.0, 2e5
+    #: Replica exchange: a state's sweep costs EXCHANGE_COST × as much (the swap's energies and
+    #: gathers; measured 1.3-1.9x on RBMs, 2.5x on 4-partite models, whose energies take
+    #: matmuls), and a sweep ~100 µs more dispatch (its ~30 small operations).
+    EXCHANGE_COST, EXCHANGE_OVERHEAD = 2.5, 1e6
 
     @classmethod
     def state_bytes(cls, plan: Plan, num_samples: int, n_units: int, elem: int) -> float:
-        """Chain state and matmul buffers (4 per chain) plus the samples kept (2 per sample)."""
-        chains = plan.n_chains
-        return float(elem * n_units * (4 * chains + 2 * plan.rounds * chains)
+        """Chain state and matmul buffers (4 per chain state, 6 with replica exchange: a
+        scaled input and the swap's gathers) plus each round's states kept (2 per state)."""
+        rows = plan.rows
+        buffers = 4 if plan.replicas == 1 else 6
+        return float(elem * n_units * (buffers * rows + 2 * plan.rounds * rows)
                      + BLOCK_BYTES * 5 / 4)
+
+    @classmethod
+    def step_cost(cls, plan: Plan) -> tuple[float, float]:
+        if plan.replicas == 1:
+            return cls.STEP_COST, cls.STEP_OVERHEAD
+        return cls.STEP_COST * cls.EXCHANGE_COST, cls.STEP_OVERHEAD + cls.EXCHANGE_OVERHEAD
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         # which model the kept chains belong to: "rbm" (state h) or "bm" (state z); a call on
         # the other kind starts fresh chains even when the state's shape happens to match
         self._kind = "rbm"
+        # the kept chains' replica count and the parity of their next round of swap proposals:
+        # chains of another replica count restart, even when the state's shape matches
+        self._replicas, self._swap_parity = self.options.num_replicas, 0
 
     def reset(self) -> None:
         super().reset()
         self._kind = "rbm"
+        self._replicas, self._swap_parity = self.options.num_replicas, 0
 
     def state_dict(self) -> dict[str, Any]:
         """RBM chains: {"hidden", "generator"}; BoltzmannMachine chains: {"states",
-        "generator"} (z in `variables` order)."""
+        "generator"} (z in `variables` order); replica exchange adds {"replicas",
+        "swap_parity"} (absent: plain chains, so earlier checkpoints load as K = 1)."""
         state = super().state_dict()
         if self._kind == "bm":
             state["states"] = state.pop(self.chain_key)
+        if self._replicas > 1:
+            state["replicas"], state["swap_parity"] = self._replicas, self._swap_parity
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "states" in state and state.get(self.chain_key) is not None:
             raise ValueError("sampler state has both 'hidden' (RBM chains) and 'states' "
                              "(BoltzmannMachine chains); the checkpoint is damaged")
+        replicas, parity = state.get("replicas", 1), state.get("swap_parity", 0)
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or not (
+                1 <= replicas <= MAX_REPLICAS):
+            raise ValueError(f"sampler state 'replicas' must be an int from 1 to {MAX_REPLICAS}, "
+                             f"got {replicas!r}; the checkpoint is damaged")
+        if isinstance(parity, bool) or parity not in (0, 1):
+            raise ValueError(f"sampler state 'swap_parity' must be 0 or 1, got {parity!r}; "
+                             "the checkpoint is damaged")
         kind = "bm" if "states" in state else "rbm"
         if kind == "rbm":
             super().load_state_dict(state)
@@ -356,13 +448,44 @@ class GibbsSampler(ChainSampler):
                 super().load_state_dict({**state, self.chain_key: state["states"]})
             except ValueError as exc:  # name the key the checkpoint holds
                 raise ValueError(str(exc).replace(f"{self.chain_key!r}", "'states'")) from None
-        self._kind = kind
+        self._kind, self._replicas, self._swap_parity = kind, replicas, parity
 
     def _resume(self, kind: str, shape: tuple[int, int]) -> dict[str, Any] | None:
-        kept = self.chains.resume(shape) if kind == self._kind else None
+        same = kind == self._kind and self._replicas == self.options.num_replicas
+        kept = self.chains.resume(shape) if same else None
         if self.chains.persistent:
-            self._kind = kind
+            self._kind, self._replicas = kind, self.options.num_replicas
         return kept
+
+    def _exchange(self, plan: Plan, fresh: bool) -> ReplicaExchange | None:
+        """This call's replica exchange (None for plain Gibbs): the ladder, and the swap
+        parity where the kept chains left it (0 for fresh chains)."""
+        o = self.options
+        if o.num_replicas == 1:
+            return None
+        return ReplicaExchange(ladder(o.beta, o.min_beta, o.num_replicas), plan.n_chains,
+                               device=self.chains.device, dtype=self.chains.dtype,
+                               parity=0 if fresh else self._swap_parity)
+
+    def _keep_parity(self, exchange: ReplicaExchange | None) -> None:
+        if exchange is not None and self.chains.persistent:
+            self._swap_parity = exchange.parity
+
+    def _info(self, plan: Plan, fresh: bool, n_units: int,
+              exchange: ReplicaExchange | None) -> dict[str, Any]:
+        """What both kernels report: the chains, β, the spin updates (every replica's), and
+        with replica exchange the ladder and each adjacent pair's mean swap acceptance over
+        the call's rounds."""
+        o = self.options
+        info = {
+            **self.chain_info(plan, fresh),
+            "beta": o.beta,
+            "spin_updates": plan.steps(o.burn_in, o.num_sweeps, fresh) * plan.rows * n_units,
+        }
+        if exchange is not None:
+            info.update(num_replicas=exchange.num_replicas, betas=exchange.betas.tolist(),
+                        swap_acceptance=exchange.acceptance())
+        return info
 
     def _sample_bm(self, bm: BoltzmannMachine, num_samples: int, *, seed: int | None,
                    timer: Timer) -> SampleSet:
@@ -374,7 +497,9 @@ class GibbsSampler(ChainSampler):
         with timer("preprocess"):
             check_bm_precision(bm, chains.dtype, backend=self.name, beta=o.beta)
             gen = chains.generator(seed)
-            order, blocks = colour_blocks(bm, o.beta, chains.device, chains.dtype)
+            # replica exchange scales each column by its own β: the blocks stay at β = 1
+            unit_beta = o.beta if o.num_replicas == 1 else 1.0
+            order, blocks = colour_blocks(bm, unit_beta, chains.device, chains.dtype)
             order = order.to(chains.device)
             position = torch.empty_like(order)
             position[order] = torch.arange(order.numel(), device=order.device)
@@ -382,37 +507,37 @@ class GibbsSampler(ChainSampler):
             # contiguous already, and then the gathers are skipped
             same = bool(torch.equal(order, torch.arange(order.numel(), device=order.device)))
             plan = self.plan(num_samples, bm.n_units)
-            kept = self._resume("bm", (plan.n_chains, bm.n_units))
+            kept = self._resume("bm", (plan.rows, bm.n_units))
+            exchange = self._exchange(plan, kept is None)
+            advance = partial(colour_gibbs_advance, exchange=exchange)
         with timer("sample"):
             if kept is None:  # fresh chains from Bernoulli(½), burned in
-                zt = torch.empty(bm.n_units, plan.n_chains, device=chains.device,
+                zt = torch.empty(bm.n_units, plan.rows, device=chains.device,
                                  dtype=chains.dtype)
                 zt = torch.bernoulli(zt.fill_(0.5), generator=gen)
-                zt, _, _ = burn_in(colour_gibbs_advance, gen, zt, blocks, o.burn_in)
+                zt, _, _ = burn_in(advance, gen, zt, blocks, o.burn_in)
             else:
                 z = kept[self.chain_key]
                 zt = (z if same else z[:, order]).T.contiguous()
-            zt, samples = run_rounds(colour_gibbs_advance, gen, zt, blocks, plan.rounds,
-                                     o.num_sweeps)
+            if exchange is not None:
+                exchange.clear()
+            zt, samples = run_rounds(advance, gen, zt, blocks, plan.rounds, o.num_sweeps)
             chains.keep(zt.T.contiguous() if same else zt.T[:, position])
+            self._keep_parity(exchange)
         with timer("postprocess"):
-            states = torch.cat([s.T for s, _ in samples])[:num_samples]
+            # the target replica's chains: the first n_chains columns of each round's state
+            targets = [s[:, : plan.n_chains] for s, _ in samples]
+            states = torch.cat([s.T for s in targets])[:num_samples]
             states = (states if same else states[:, position]).to(bm.bias.device,
                                                                    bm.bias.dtype)
-            if o.beta == 1 and states.dtype == chains.dtype and states.device == chains.device:
+            if unit_beta == 1 and states.dtype == chains.dtype and states.device == chains.device:
                 # the blocks hold the model's own parameters: no second matrix to build
-                energy = torch.cat([block_energies(s, blocks) for s, _ in samples])
+                energy = torch.cat([block_energies(s, blocks) for s in targets])
                 energy = energy[:num_samples]
             else:
                 energy = bm.sample_energy(states)
-        fresh = kept is None
-        info = {
-            **self.chain_info(plan, fresh),
-            "beta": o.beta,
-            "colour_classes": len(blocks),
-            "spin_updates": plan.steps(o.burn_in, o.num_sweeps, fresh)
-            * plan.n_chains * bm.n_units,
-        }
+        info = {**self._info(plan, kept is None, bm.n_units, exchange),
+                "colour_classes": len(blocks)}
         return SampleSet.of_states(states, energy, info)
 
     def _sample(self, rbm: RBM, num_samples: int, *, seed: int | None, timer: Timer) -> SampleSet:
@@ -420,30 +545,34 @@ class GibbsSampler(ChainSampler):
         with timer("preprocess"):
             check_precision(rbm, chains.dtype, backend=self.name, beta=o.beta)
             gen = chains.generator(seed)
-            params = [p.detach().to(chains.device, chains.dtype) * o.beta for p in
+            # replica exchange scales each row by its own β: the parameters stay at β = 1
+            unit_beta = o.beta if o.num_replicas == 1 else 1.0
+            params = [p.detach().to(chains.device, chains.dtype) * unit_beta for p in
                       (rbm.effective_weight(), rbm.visible_bias, rbm.hidden_bias)]
             plan = self.plan(num_samples, rbm.n_units)
-            kept = self._resume("rbm", (plan.n_chains, rbm.n_hidden))
+            kept = self._resume("rbm", (plan.rows, rbm.n_hidden))
+            exchange = self._exchange(plan, kept is None)
+            advance = partial(gibbs_advance, exchange=exchange)
         with timer("sample"):
             if kept is None:  # fresh chains from Bernoulli(½), burned in
-                h0 = torch.empty(plan.n_chains, rbm.n_hidden, device=chains.device,
+                h0 = torch.empty(plan.rows, rbm.n_hidden, device=chains.device,
                                  dtype=chains.dtype)
                 h = torch.bernoulli(h0.fill_(0.5), generator=gen)
-                h, _, _ = burn_in(gibbs_advance, gen, h, params, o.burn_in)
+                h, _, _ = burn_in(advance, gen, h, params, o.burn_in)
             else:
                 h = kept["hidden"]
-            h, samples = run_rounds(gibbs_advance, gen, h, params, plan.rounds, o.num_sweeps)
+            if exchange is not None:
+                exchange.clear()
+            h, samples = run_rounds(advance, gen, h, params, plan.rounds, o.num_sweeps)
             chains.keep(h)
+            self._keep_parity(exchange)
         with timer("postprocess"):
             out_device, out_dtype = rbm.weight.device, rbm.weight.dtype
-            visible = torch.cat([v for _, v in samples])[:num_samples].to(out_device, out_dtype)
-            hidden = torch.cat([h for h, _ in samples])[:num_samples].to(out_device, out_dtype)
+            n = plan.n_chains  # the target replica's chains: the first n rows of each round
+            visible = torch.cat([v[:n] for _, v in samples])[:num_samples].to(out_device,
+                                                                             out_dtype)
+            hidden = torch.cat([h[:n] for h, _ in samples])[:num_samples].to(out_device,
+                                                                            out_dtype)
             energy = energies(rbm, visible, hidden)
-        fresh = kept is None
-        info = {
-            **self.chain_info(plan, fresh),
-            "beta": o.beta,
-            "spin_updates": plan.steps(o.burn_in, o.num_sweeps, fresh)
-            * plan.n_chains * rbm.n_units,
-        }
+        info = self._info(plan, kept is None, rbm.n_units, exchange)
         return SampleSet(visible, hidden, energy, info)

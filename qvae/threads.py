@@ -74,8 +74,9 @@ def training_macs(cfg: Config, n_pixels: int = 784) -> float:
     networks for batch × K examples, plus the negative phase's sweeps."""
     nets = 3.0 * cfg.data.batch_size * cfg.train.num_iw * _network_macs(cfg, n_pixels)
     sweeps = cfg.backend.options.get("num_sweeps", 1)  # checked by the backend's model at load
+    replicas = cfg.backend.options.get("num_replicas", 1)  # gibbs's replica exchange
     return nets + rbm_sampling_macs(cfg.model.n_visible, cfg.model.n_hidden,
-                                    cfg.backend.num_samples, sweeps)
+                                    cfg.backend.num_samples * replicas, sweeps)
 
 
 def evaluation_macs(cfg: Config, n_pixels: int = 784) -> float:
