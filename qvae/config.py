@@ -349,12 +349,18 @@ class EvalConfig(Strict):
     max_examples: int | None = Field(
         None, ge=1, description="evaluate on N examples drawn at random (seed 0, the same N in "
         "every run; the MNIST test split is sorted by label, so not the first N)")
-    logz: Literal["auto", "exact", "ais"] = Field(
-        "auto", description="log Z: exact, ais, or auto (exact when the smaller layer is small)"
+    logz: Literal["auto", "exact", "ais", "pt"] = Field(
+        "auto", description="log Z: exact, ais, pt (replica exchange, RBM priors), or auto "
+        "(exact when the smaller layer is small, else AIS, else pt where AIS is provably low)"
     )
     exact_limit_units: int = Field(20, ge=1, le=24, description="auto: exact up to this layer")
     ais_betas: int = Field(10000, ge=10, description="AIS intermediate temperatures")
     ais_runs: int = Field(100, ge=2, description="AIS independent runs")
+    pt_replicas: int = Field(200, ge=3, le=2000, description="pt: temperatures from 1 to 0")
+    pt_chains: int = Field(100, ge=10, le=10_000, multiple_of=10, description="pt: chains "
+                           "per temperature (10 groups give the spread)")
+    pt_burn_in: int = Field(1000, ge=0, le=1_000_000, description="pt: sweeps before measuring")
+    pt_sweeps: int = Field(2000, ge=2, le=1_000_000, description="pt: sweeps measured")
 
 
 class Config(Strict):
@@ -399,6 +405,10 @@ class Config(Strict):
             raise ValueError("model.prior.graph=backend takes the dwave backend's solver graph, "
                              f"but backend.name is {self.backend.name!r}: use backend dwave "
                              "(its emulator needs no QPU) or model.prior.graph=topology")
+        if self.eval.logz == "pt" and (prior.kind != "rbm" or self.model.kind != "dvae"):
+            raise ValueError("eval.logz=pt estimates log Z of an RBM prior (model.kind dvae, "
+                             f"model.prior.kind rbm), not of model.kind={self.model.kind} with "
+                             f"model.prior.kind={prior.kind}: use eval.logz ais or auto")
         return self
 
     @field_validator("device")

@@ -47,7 +47,14 @@ def log_z_functions(prior: RBM | BoltzmannMachine) -> tuple[Any, Any, Any]:
 def estimate_log_z(
     prior: RBM | BoltzmannMachine, cfg: Config, *, progress: bool = False
 ) -> dict[str, Any]:
-    """log Z of `prior` by cfg.eval.logz (exact, ais, or auto by cfg.eval.exact_limit_units)."""
+    """log Z of `prior` by cfg.eval.logz (exact, ais, pt, or auto by cfg.eval.exact_limit_units).
+
+    Every estimate is checked against a certified lower bound (`qvae.logz_pt`): an explicit
+    `ais` below it raises `LogZBelowBound` (its NLL would be too low, and nothing is written);
+    `auto` then estimates log Z by replica exchange (`pt`, RBM priors) instead, and says so.
+    """
+    from qvae.logz_pt import check_above_bound, log_z_lower_bound
+
     e = cfg.eval
     ais = {"num_betas": e.ais_betas, "num_runs": e.ais_runs, "seed": cfg.seed,
            "progress": progress}
@@ -55,13 +62,40 @@ def estimate_log_z(
     if e.logz == "exact":
         value = exact(prior)
         return {"log_z": value, "log_z_std": 0.0, "method": "exact"}
+    bound = log_z_lower_bound(prior, seed=cfg.seed)
+    checked = {"log_z_lower_bound": bound.value, "log_z_lower_bound_method": bound.method}
+    if e.logz == "pt":
+        return {**pt_estimate(prior, cfg, progress=progress, bound=bound), **checked}
     if e.logz == "ais":
         res = ais_estimate(prior, **ais)
+        check_above_bound(res.log_z, res.log_z_std, bound, "AIS")
         return {"log_z": res.log_z, "log_z_std": res.log_z_std, "method": "ais",
                 "ais_num_betas": res.num_betas, "ais_num_runs": res.num_runs,
-                "ais_effective_sample_size": res.effective_sample_size}
+                "ais_effective_sample_size": res.effective_sample_size, **checked}
     est = auto(prior, exact_limit_units=e.exact_limit_units, **ais)
-    return {"log_z": est.log_z, "log_z_std": est.log_z_std, "method": est.method}
+    if est.method != "exact" and est.log_z + 3 * est.log_z_std < bound.value:
+        if not isinstance(prior, RBM):
+            check_above_bound(est.log_z, est.log_z_std, bound, est.method)  # raises
+        return {**pt_estimate(prior, cfg, progress=progress, bound=bound), **checked,
+                "method": f"pt (AIS gave {est.log_z:.2f}, below the certified lower bound)"
+                }
+    return {"log_z": est.log_z, "log_z_std": est.log_z_std, "method": est.method,
+            **(checked if est.method != "exact" else {})}
+
+
+def pt_estimate(prior: RBM, cfg: Config, *, progress: bool, bound: Any) -> dict[str, Any]:
+    """log Z by replica exchange (`qvae.logz_pt.pt_log_partition`) with cfg.eval's pt_*
+    settings, checked against `bound` like any estimate."""
+    from qvae.logz_pt import check_above_bound, pt_log_partition
+
+    e = cfg.eval
+    res = pt_log_partition(prior, num_replicas=e.pt_replicas, num_chains=e.pt_chains,
+                           burn_in=e.pt_burn_in, num_sweeps=e.pt_sweeps, seed=cfg.seed,
+                           progress=progress)
+    check_above_bound(res.log_z, res.log_z_std, bound, "replica-exchange (pt)")
+    return {"log_z": res.log_z, "log_z_std": res.log_z_std, "method": "pt",
+            "pt_replicas": res.num_replicas, "pt_chains": res.num_chains,
+            "pt_sweeps": res.num_sweeps, "pt_min_swap_acceptance": min(res.swap_acceptance)}
 
 
 @torch.no_grad()
@@ -80,13 +114,24 @@ def validation_nll(
     start = time.perf_counter()
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
-    log_z, log_z_std, method = None, 0.0, NO_LOG_Z
+    log_z, log_z_std, method, extra = None, 0.0, NO_LOG_Z, {}
     prior = model.log_z_prior()
     if prior is not None:
         est = log_z_functions(prior)[2](prior, exact_limit_units=cfg.eval.exact_limit_units,
                             num_betas=t.validate_ais_betas, num_runs=t.validate_ais_runs,
                             seed=seed)
         log_z, log_z_std, method = est.log_z, est.log_z_std, est.method
+        if method != "exact":
+            from qvae.logz_pt import log_z_lower_bound
+
+            # AIS below a certified bound missed the prior's mode: the bound is then the best
+            # log Z known, and the NLL from it the least the model's NLL can be (flagged)
+            bound = log_z_lower_bound(prior, seed=seed).value
+            extra["log_z_lower_bound"] = bound
+            if log_z + 3 * log_z_std < bound:
+                extra["log_z_ais_below_bound"] = log_z
+                log_z, log_z_std = bound, 0.0
+                method = f"lower bound ({method} gave {extra['log_z_ais_below_bound']:.2f})"
     iws = []
     try:
         for i in range(0, len(data), cfg.data.eval_batch_size):
@@ -99,7 +144,7 @@ def validation_nll(
     return {"nll": float(-iw.mean()),
             "nll_stderr_examples": float(iw.std() / math.sqrt(len(iw))) if len(iw) > 1 else 0.0,
             "log_z": 0.0 if log_z is None else log_z, "log_z_std": log_z_std,
-            "log_z_method": method,
+            "log_z_method": method, **extra,
             "num_examples": len(iw), "num_iw": t.validate_num_iw,
             "seconds": time.perf_counter() - start}
 

@@ -554,10 +554,17 @@ def _train(
 
         # The evaluation's own thread count: its batches (× K) are far bigger than a step's.
         n_eval = threads.resolve(cfg.threads, threads.evaluation_macs(cfg))
+        from qvae.logz_pt import LogZBelowBound
+
         with threads.torch_threads(n_eval):
-            result.evaluation = evaluate_model(model, cfg, out_dir / "eval.json",
-                                               progress=progress and _stderr_is_tty(),
-                                               extra=selected)
+            try:
+                result.evaluation = evaluate_model(model, cfg, out_dir / "eval.json",
+                                                   progress=progress and _stderr_is_tty(),
+                                                   extra=selected)
+            except LogZBelowBound as exc:  # the training is kept: say how to evaluate it
+                raise LogZBelowBound(f"training finished and was saved in {out_dir}, but its "
+                                     f"evaluation was refused: {exc}: qvae evaluate {out_dir} "
+                                     "--logz pt") from None
         result.files["eval"] = str(out_dir / "eval.json")
     return result
 

@@ -1,0 +1,146 @@
+"""log Z by replica exchange (`qvae.logz_pt`): the stepping-stone estimate against exact
+enumeration, the certified lower bound, and the evaluation refusing (or, under `auto`, replacing)
+an AIS estimate the bound proves wrong — on a "trap" RBM whose dominant mode AIS cannot reach."""
+
+import json
+
+import pytest
+import torch
+
+from qvae import RBM
+from qvae.config import ConfigError, load_config
+from qvae.configs_path import resolve_config_path
+from qvae.evaluate import estimate_log_z, evaluate_model, validation_nll
+from qvae.logz import ais_log_partition, exact_log_partition
+from qvae.logz_pt import (
+    LogZBelowBound,
+    LogZBound,
+    check_above_bound,
+    default_ladder,
+    log_z_lower_bound,
+    pt_log_partition,
+)
+from qvae.train import build_model
+
+SMALL_PT = ["eval.pt_replicas=40", "eval.pt_chains=40", "eval.pt_burn_in=100",
+            "eval.pt_sweeps=300"]
+
+
+def trap_rbm(n: int = 16, a: float = 5.0) -> RBM:
+    """All couplings 1, all biases −a: the all-on state has energy 2na − n² (−96 for n = 16)
+    and carries almost all the mass, but from the bias-only base (every unit off with
+    probability 1 − σ(−a)) more than a units must switch on together to reach it, so AIS's
+    chains never do and its estimate sits near log Z of the 'all off' basin, about 0."""
+    rbm = RBM(n, n, init_std=0.0, seed=0)
+    with torch.no_grad():
+        rbm.weight.fill_(1.0)
+        rbm.visible_bias.fill_(-a)
+        rbm.hidden_bias.fill_(-a)
+    return rbm
+
+
+@pytest.mark.parametrize("seed,std", [(0, 0.5), (1, 1.0), (2, 2.0)])
+def test_pt_estimate_matches_exact_enumeration(seed, std):
+    rbm = RBM(10, 8, init_std=std, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # biases too: every term of the stepping stones is exercised
+        rbm.visible_bias.normal_(0, std, generator=gen)
+        rbm.hidden_bias.normal_(0, std, generator=gen)
+    exact = exact_log_partition(rbm)
+    res = pt_log_partition(rbm, num_replicas=60, num_chains=50, burn_in=200, num_sweeps=1000,
+                           seed=1)
+    # measured spread 0.002-0.004 here; 5 standard errors plus a little for the log-mean's
+    # O(1/N) bias, and the spread itself must be small enough for that to mean something
+    assert res.log_z_std < 0.02
+    assert abs(res.log_z - exact) < 5 * res.log_z_std + 0.005, (res.log_z, exact)
+    assert all(0 < a <= 1 for a in res.swap_acceptance)
+    assert len(res.swap_acceptance) == 59
+
+
+def test_ais_misses_the_trap_and_the_bound_and_pt_do_not():
+    rbm = trap_rbm()
+    exact = exact_log_partition(rbm)
+    assert exact == pytest.approx(96.0, abs=0.01)
+    ais = ais_log_partition(rbm, num_betas=500, num_runs=20, seed=0)
+    assert ais.log_z < exact - 80  # the failure this module exists for, with a tiny spread
+    assert ais.log_z_std < 0.1
+    bound = log_z_lower_bound(rbm)
+    assert exact - 0.01 < bound.value <= exact + 1e-9  # certified: never above log Z
+    with pytest.raises(LogZBelowBound, match="--logz pt"):
+        check_above_bound(ais.log_z, ais.log_z_std, bound, "AIS")
+    res = pt_log_partition(rbm, num_replicas=60, num_chains=40, burn_in=200, num_sweeps=400)
+    assert res.log_z == pytest.approx(exact, abs=0.05)
+
+
+def test_the_bound_is_never_above_exact_log_z():
+    for seed in range(4):
+        rbm = RBM(9, 7, init_std=1.5, seed=seed)
+        assert log_z_lower_bound(rbm, seed=seed).value <= exact_log_partition(rbm) + 1e-9
+
+
+def test_check_above_bound_allows_three_standard_errors_and_no_more():
+    bound = LogZBound(10.0, "test", 1, 0.0)
+    check_above_bound(9.5, 0.2, bound, "AIS")  # 0.5 below, within 3 × 0.2
+    with pytest.raises(LogZBelowBound, match="at least 0.7 nats too low"):
+        check_above_bound(9.3, 0.1, bound, "AIS")
+
+
+def test_ladder_runs_from_one_to_zero_and_arguments_are_checked():
+    ladder = default_ladder(5)
+    assert ladder[0] == 1.0 and ladder[-1] == 0.0 and ladder == sorted(ladder, reverse=True)
+    rbm = RBM(4, 3, seed=0)
+    for bad in ({"num_replicas": 2}, {"num_chains": 15}, {"num_sweeps": 1}, {"burn_in": -1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            pt_log_partition(rbm, **bad)
+
+
+def _cfg(*overrides):
+    return load_config(resolve_config_path("smoke"), [*SMALL_PT, "eval.exact_limit_units=4",
+                                                      "eval.ais_betas=200", "eval.ais_runs=10",
+                                                      *overrides])
+
+
+def test_evaluation_refuses_ais_below_the_bound_and_auto_switches_to_pt():
+    rbm = trap_rbm()
+    exact = exact_log_partition(rbm)
+    with pytest.raises(LogZBelowBound, match="below"):
+        estimate_log_z(rbm, _cfg("eval.logz=ais"))
+    auto = estimate_log_z(rbm, _cfg("eval.logz=auto"))
+    assert auto["method"].startswith("pt (AIS gave")
+    assert auto["log_z"] == pytest.approx(exact, abs=0.1)
+    assert auto["log_z_lower_bound"] <= exact + 1e-9
+    pt = estimate_log_z(rbm, _cfg("eval.logz=pt"))
+    assert pt["method"] == "pt" and pt["log_z"] == pytest.approx(exact, abs=0.1)
+    fine = estimate_log_z(RBM(16, 16, init_std=0.1, seed=0), _cfg("eval.logz=ais"))
+    assert fine["method"] == "ais" and fine["log_z"] >= fine["log_z_lower_bound"]
+
+
+def test_evaluate_model_writes_nothing_when_log_z_is_refused(tmp_path):
+    cfg = _cfg("eval.logz=ais", "eval.max_examples=20", "eval.num_iw=2")
+    model = build_model(cfg)
+    model.prior.load_state_dict(trap_rbm().state_dict())
+    out = tmp_path / "eval.json"
+    with pytest.raises(LogZBelowBound):
+        evaluate_model(model, cfg, out, progress=False)
+    assert not out.exists()
+    cfg = _cfg("eval.logz=pt", "eval.max_examples=20", "eval.num_iw=2")
+    result = evaluate_model(model, cfg, out, progress=False)
+    assert json.loads(out.read_text())["method"] == result["method"] == "pt"
+
+
+def test_validation_raises_a_log_z_the_bound_proves_low_and_flags_it():
+    cfg = _cfg("train.validate_ais_betas=200", "train.validate_ais_runs=10",
+               "train.validate_num_iw=2")
+    model = build_model(cfg)
+    model.prior.load_state_dict(trap_rbm().state_dict())
+    data = torch.zeros(10, 784)
+    row = validation_nll(model, cfg, data, seed=0)
+    assert row["log_z_method"].startswith("lower bound (ais gave")
+    assert row["log_z"] == row["log_z_lower_bound"] > 90
+    assert row["log_z_ais_below_bound"] < 20
+
+
+def test_config_refuses_pt_for_a_prior_that_is_not_an_rbm():
+    with pytest.raises(ConfigError, match="eval.logz=pt"):
+        load_config(resolve_config_path("smoke"), ["eval.logz=pt", "model.prior.kind=multipartite",
+                                                   "model.prior.parts=4"])
