@@ -236,6 +236,35 @@ def reproduce_command(saved: dict[str, Any], base: str) -> str:
     return shlex.join(argv)
 
 
+def log_z_check(run_dir: Path, evaluation: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation's log Z against a certified lower bound (`qvae.logz_pt`): the one the
+    evaluation recorded, or, for an evaluation made before the check existed, one computed now
+    from the checkpoint it scored. A log Z the bound refutes is refused: its NLL is too low."""
+    from qvae.logz_pt import LogZBelowBound, LogZBound, check_above_bound, log_z_lower_bound
+
+    if evaluation.get("method") == "exact":
+        return {"log_z_lower_bound": None, "checked_by": "exact log Z: nothing to check"}
+    if "log_z_lower_bound" in evaluation:
+        bound = LogZBound(evaluation["log_z_lower_bound"],
+                          evaluation.get("log_z_lower_bound_method", ""), 0, 0.0)
+        by = "the evaluation"
+    else:
+        from qvae.checkpoint import load_model
+
+        name = evaluation.get("checkpoint") or (
+            "best.pt" if (run_dir / "best.pt").exists() else "last.pt")
+        model, cfg, _ = load_model(run_dir / name)
+        bound = log_z_lower_bound(model.log_z_prior(), seed=cfg.seed)
+        by = f"paper_table.py record, from {name}"
+    try:
+        check_above_bound(evaluation["log_z"], evaluation.get("log_z_std") or 0.0, bound,
+                          evaluation.get("method", "log Z"))
+    except LogZBelowBound as exc:
+        raise SystemExit(f"error: {run_dir}: not recorded: {exc}") from None
+    return {"log_z_lower_bound": bound.value, "log_z_lower_bound_method": bound.method,
+            "checked_by": by}
+
+
 def record(run_dir: Path, change: str, eval_name: str, base: str | None,
            beat_dir: Path) -> Path:
     """benchmarks/paper/beat/<run name>.json: one "beat it" row from a finished run."""
@@ -252,6 +281,7 @@ def record(run_dir: Path, change: str, eval_name: str, base: str | None,
     if structure is None:
         raise SystemExit(f"error: {run_dir}: its model is none of the structures {STRUCTURES}")
     base = base or f"beat/{structure}"
+    checked = log_z_check(run_dir, evaluation)
     last = metrics[-1] if metrics else {}
     curve = _rows(run_dir / "validation.jsonl")
     report = {
@@ -268,6 +298,7 @@ def record(run_dir: Path, change: str, eval_name: str, base: str | None,
         "command": "OMP_NUM_THREADS=1 " + reproduce_command(saved, base),
         "evaluation_file": eval_name,
         "test": evaluation,
+        "log_z_check": checked,
         "validation_curve": [{k: r.get(k) for k in ("step", "nll", "nll_stderr_examples",
                                                     "log_z", "log_z_std")} for r in curve],
         "config": saved,
@@ -281,15 +312,19 @@ def record(run_dir: Path, change: str, eval_name: str, base: str | None,
 
 def beat_table(beat_dir: Path) -> str:
     lines = ["| structure | change from qvae's recipe | objective | test NLL (nats) | K | "
-             "checkpoint (step) | steps | train min |",
-             "|---|---|---|---|---|---|---|---|"]
+             "log Z (method) ≥ certified bound | checkpoint (step) | steps | train min |",
+             "|---|---|---|---|---|---|---|---|---|"]
     rows = [json.loads(p.read_text()) for p in sorted(beat_dir.glob("*.json"))]
     for r in sorted(rows, key=lambda r: (STRUCTURES.index(r["structure"]), r["test"]["nll"])):
         t = r["test"]
         minutes = (r.get("train_seconds") or 0) / 60
+        bound = (r.get("log_z_check") or {}).get("log_z_lower_bound")
+        log_z = (f"{t['log_z']:.2f} ({t['method'].split(' ')[0]}) ≥ "
+                 f"{f'{bound:.2f}' if bound is not None else 'unchecked'}")
         lines.append(
             f"| {r['structure']} | {r['change']} | {r['objective']} | {_fmt_nll(t)} | "
-            f"{t['num_iw']:,} | {t.get('checkpoint', '—')} ({t.get('checkpoint_step', '—'):,}) | "
+            f"{t['num_iw']:,} | {log_z} | "
+            f"{t.get('checkpoint', '—')} ({t.get('checkpoint_step', '—'):,}) | "
             f"{r['steps_done']:,} | {minutes:.0f} |")
     return "\n".join(lines)
 

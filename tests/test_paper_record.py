@@ -115,3 +115,28 @@ def test_plot_draws_every_curve_and_refuses_when_there_is_none(tmp_path):
     with pytest.raises(SystemExit, match="no validation curves"):
         pt.main(["plot", "--json-dir", str(tmp_path / "none"), "--beat-dir",
                  str(tmp_path / "none"), "--out", str(tmp_path / "x.png")])
+
+
+def test_record_refuses_a_log_z_below_the_certified_bound(tmp_path):
+    pt = paper_table()
+    cfg = load_config(resolve_config_path("beat/1-layer-nonlin"), SMALL[:-2])
+    run = tmp_path / "runs" / "r"
+    train(cfg, run, progress=False)
+    evaluation = json.loads((run / "eval.json").read_text())
+    assert evaluation["log_z"] >= evaluation["log_z_lower_bound"]  # checked at evaluation
+    beat = tmp_path / "beat"
+    assert pt.main(["record", str(run), "--change", "x", "--beat-dir", str(beat)]) == 0
+    assert json.loads((beat / "r.json").read_text())["log_z_check"]["checked_by"] == (
+        "the evaluation")
+    # an evaluation from before the check: record computes the bound from the checkpoint
+    old = {k: v for k, v in evaluation.items() if not k.startswith("log_z_lower_bound")}
+    (run / "old.json").write_text(json.dumps(old))
+    assert pt.main(["record", str(run), "--change", "x", "--eval", "old.json", "--beat-dir",
+                    str(beat)]) == 0
+    assert json.loads((beat / "r.json").read_text())["log_z_check"]["checked_by"].startswith(
+        "paper_table.py record")
+    # ... and refuses one whose log Z that bound refutes (an AIS that missed the mode)
+    (run / "low.json").write_text(json.dumps({**old, "log_z": old["log_z"] - 500.0}))
+    with pytest.raises(SystemExit, match="not recorded: .*below"):
+        pt.main(["record", str(run), "--change", "x", "--eval", "low.json", "--beat-dir",
+                 str(beat)])
