@@ -97,6 +97,10 @@ def _resolve(path: str | Path) -> Path:
     if not path.is_file():
         # The run directory to train into: the path itself unless it names a file (.pt).
         run = path.parent if path.suffix == ".pt" or path.name == CHECKPOINT_NAME else path
+        others = sorted(p.name for p in run.glob("*.pt")) if run.is_dir() else []
+        if others:  # a finished run may keep only best.pt: name what is there
+            raise FileNotFoundError(f"no checkpoint at {path}; {run} has "
+                                    f"{', '.join(others)}: give one, e.g. {run / others[0]}")
         raise FileNotFoundError(
             f"no checkpoint at {path}; train first with `qvae train --out {run}`"
         )

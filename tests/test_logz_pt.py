@@ -144,3 +144,4 @@ def test_config_refuses_pt_for_a_prior_that_is_not_an_rbm():
     with pytest.raises(ConfigError, match="eval.logz=pt"):
         load_config(resolve_config_path("smoke"), ["eval.logz=pt", "model.prior.kind=multipartite",
                                                    "model.prior.parts=4"])
+

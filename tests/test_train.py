@@ -211,3 +211,13 @@ def test_sde_model_trains_without_a_negative_phase_and_evaluates(tmp_path):
     assert ev["log_z"] is None and ev["method"].startswith("none")
     assert ev["nll"] <= -ev["elbo"] + 1.0
     assert (tmp_path / "samples.png").is_file()  # one-step generation from a binary backend
+
+
+def test_a_run_without_last_pt_names_the_checkpoints_it_has(tmp_path):
+    from qvae.checkpoint import load
+
+    (tmp_path / "best.pt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="has best.pt: give one"):
+        load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="train first"):
+        load(tmp_path / "empty")
