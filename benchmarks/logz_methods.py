@@ -28,16 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from qvae import RBM  # noqa: E402
 from qvae.logz import ais_log_partition, exact_log_partition  # noqa: E402
-from qvae.logz_pt import log_z_lower_bound, pt_log_partition  # noqa: E402
-
-
-def trap(n: int, a: float) -> RBM:
-    rbm = RBM(n, n, init_std=0.0, seed=0)
-    with torch.no_grad():
-        rbm.weight.fill_(1.0)
-        rbm.visible_bias.fill_(-a)
-        rbm.hidden_bias.fill_(-a)
-    return rbm
+from qvae.logz_pt import log_z_lower_bound, pt_log_partition, trap_rbm  # noqa: E402
 
 
 def random_rbm(nv: int, nh: int, std: float, seed: int) -> RBM:
@@ -88,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     pt_kwargs = ({"num_replicas": 60, "num_chains": 50, "burn_in": 100, "num_sweeps": 200}
                  if args.quick else {})
     cases = [("random 20+20", random_rbm(20, 20, 0.3, 0), True),
-             ("trap 20+20", trap(20, 6.0), True),
+             ("trap 20+20", trap_rbm(20, 6.0), True),
              ("random 100+100", random_rbm(100, 100, 0.1, 1), False)]
     if args.checkpoint:
         from qvae.checkpoint import load_model

@@ -114,6 +114,25 @@ def log_z_lower_bound(prior: RBM | BoltzmannMachine, *, num_chains: int = 100,
     return LogZBound(float(bound), method, checked, time.perf_counter() - start)
 
 
+def trap_rbm(n: int = 16, a: float = 5.0) -> RBM:
+    """A known-answer RBM that AIS gets badly wrong: n + n units, every coupling 1, every bias
+    −a. The all-on state (energy 2na − n², −96 for the defaults) carries almost all the mass,
+    but from AIS's bias-only base, where each unit is on with probability σ(−a), more than a
+    units must switch on together to reach it, so AIS's chains never do and its estimate sits
+    near the 'all off' basin's log Z (about 0). Exact log Z by enumeration: n ≤ 24 is cheap.
+
+    >>> from qvae.logz import exact_log_partition
+    >>> round(exact_log_partition(trap_rbm()), 2)
+    96.0
+    """
+    rbm = RBM(n, n, init_std=0.0, seed=0)
+    with torch.no_grad():
+        rbm.weight.fill_(1.0)
+        rbm.visible_bias.fill_(-a)
+        rbm.hidden_bias.fill_(-a)
+    return rbm
+
+
 def check_above_bound(log_z: float, log_z_std: float, bound: LogZBound, method: str) -> None:
     """Raise `LogZBelowBound` when `log_z` is below `bound` by more than 3 of its standard
     errors (log Z ≥ bound holds exactly, so only the estimate's own noise may excuse it)."""

@@ -19,24 +19,12 @@ from qvae.logz_pt import (
     default_ladder,
     log_z_lower_bound,
     pt_log_partition,
+    trap_rbm,
 )
 from qvae.train import build_model
 
 SMALL_PT = ["eval.pt_replicas=40", "eval.pt_chains=40", "eval.pt_burn_in=100",
             "eval.pt_sweeps=300"]
-
-
-def trap_rbm(n: int = 16, a: float = 5.0) -> RBM:
-    """All couplings 1, all biases −a: the all-on state has energy 2na − n² (−96 for n = 16)
-    and carries almost all the mass, but from the bias-only base (every unit off with
-    probability 1 − σ(−a)) more than a units must switch on together to reach it, so AIS's
-    chains never do and its estimate sits near log Z of the 'all off' basin, about 0."""
-    rbm = RBM(n, n, init_std=0.0, seed=0)
-    with torch.no_grad():
-        rbm.weight.fill_(1.0)
-        rbm.visible_bias.fill_(-a)
-        rbm.hidden_bias.fill_(-a)
-    return rbm
 
 
 @pytest.mark.parametrize("seed,std", [(0, 0.5), (1, 1.0), (2, 2.0)])
@@ -145,3 +133,11 @@ def test_config_refuses_pt_for_a_prior_that_is_not_an_rbm():
         load_config(resolve_config_path("smoke"), ["eval.logz=pt", "model.prior.kind=multipartite",
                                                    "model.prior.parts=4"])
 
+
+
+def test_module_examples():
+    import doctest
+
+    from qvae import logz_pt
+
+    assert doctest.testmod(logz_pt).failed == 0
