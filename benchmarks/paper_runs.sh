@@ -8,7 +8,7 @@
 #   bash benchmarks/paper_runs.sh restore   # start of a session, then resume (README there)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-KEEP=(last.pt best.pt config.json metrics.jsonl validation.jsonl eval.json eval-k4000.json)
+KEEP=(last.pt best.pt config.json metrics.jsonl validation.jsonl eval.json eval-k4000.json eval-pt.json)
 
 case "${1:-}" in
   save)
@@ -19,7 +19,7 @@ case "${1:-}" in
       sleep 2
     done
     for dir in runs/paper/*/ runs/beat/*/; do
-      [ -f "$dir/last.pt" ] || continue
+      [ -f "$dir/last.pt" ] || [ -f "$dir/best.pt" ] || continue  # a finished run keeps best.pt
       name=$(basename "$dir")
       case "$dir" in runs/beat/*) dest="benchmarks/paper/runs/beat-$name" ;;
                      *) dest="benchmarks/paper/runs/$name" ;; esac
