@@ -133,11 +133,16 @@ def trap_rbm(n: int = 16, a: float = 5.0) -> RBM:
     return rbm
 
 
-def check_above_bound(log_z: float, log_z_std: float, bound: LogZBound, method: str) -> None:
-    """Raise `LogZBelowBound` when `log_z` is below `bound` by more than 3 of its standard
-    errors (log Z ≥ bound holds exactly, so only the estimate's own noise may excuse it)."""
+def refuted(log_z: float, log_z_std: float, bound: float) -> bool:
+    """Whether an estimate lies below a certified bound by more than 3 of its standard errors
+    (log Z ≥ bound holds exactly, so only the estimate's own noise may excuse it)."""
     slack = 3 * log_z_std if math.isfinite(log_z_std) else 0.0
-    if log_z + slack < bound.value:
+    return log_z + slack < bound
+
+
+def check_above_bound(log_z: float, log_z_std: float, bound: LogZBound, method: str) -> None:
+    """Raise `LogZBelowBound` when the bound `refuted` the estimate."""
+    if refuted(log_z, log_z_std, bound.value):
         raise LogZBelowBound(
             f"the {method} estimate of log Z ({log_z:.2f} ± {log_z_std:.2f}) is below "
             f"{bound.value:.2f}, a certified lower bound ({bound.method}): the estimate missed "
