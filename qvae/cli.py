@@ -76,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
                    "when AIS falls below the certified lower bound)")
     e.add_argument("--ais-betas", type=int, help="AIS intermediate temperatures")
     e.add_argument("--ais-runs", type=int, help="AIS runs")
+    e.add_argument("--pt-replicas", type=int,
+                   help="pt: temperatures from 1 to 0 (default 200; more when the swap "
+                   "acceptance reported is low)")
+    e.add_argument("--pt-chains", type=int,
+                   help="pt: chains per temperature, a multiple of 10 (default 100)")
+    e.add_argument("--pt-burn-in", type=int, help="pt: sweeps before measuring (default 1000)")
+    e.add_argument("--pt-sweeps", type=int, help="pt: sweeps measured (default 2000)")
     e.add_argument("--split", choices=["valid", "test"], help="data split (default: test)")
     e.add_argument("--max-examples", type=int,
                    help="evaluate N examples drawn at random (seed 0, the same N in every run; "
@@ -250,7 +257,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     model, cfg, state = _load_model(args.checkpoint)
     mapping = {"num_iw": args.num_iw, "logz": args.logz, "ais_betas": args.ais_betas,
-               "ais_runs": args.ais_runs, "split": args.split, "max_examples": args.max_examples}
+               "ais_runs": args.ais_runs, "pt_replicas": args.pt_replicas,
+               "pt_chains": args.pt_chains, "pt_burn_in": args.pt_burn_in,
+               "pt_sweeps": args.pt_sweeps, "split": args.split,
+               "max_examples": args.max_examples}
     sets = [f"eval.{k}={v}" for k, v in mapping.items() if v is not None]
     if args.threads is not None:
         sets.append(f"threads={args.threads}")

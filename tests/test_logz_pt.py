@@ -128,6 +128,30 @@ def test_validation_raises_a_log_z_the_bound_proves_low_and_flags_it():
     assert row["log_z_ais_below_bound"] < 20
 
 
+def test_evaluate_cli_pt_flags_reach_the_estimate_and_bad_ones_are_one_line(tmp_path, capsys):
+    from qvae.cli import main
+    from qvae.train import train
+
+    cfg = load_config(resolve_config_path("smoke"), [
+        "model.n_visible=8", "model.n_hidden=8", "model.encoder_hidden=[16]",
+        "model.decoder_hidden=[16]", "train.steps=2", "train.sample_grid=4",
+        "eval.at_end=false"])
+    train(cfg, tmp_path, progress=False)
+    base = ["evaluate", str(tmp_path), "--logz", "pt", "--num-iw", "2", "--max-examples", "10",
+            "--no-progress"]
+    out = tmp_path / "pt.json"
+    assert main([*base, "--pt-replicas", "12", "--pt-chains", "20", "--pt-burn-in", "5",
+                 "--pt-sweeps", "40", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())
+    assert (row["method"], row["pt_replicas"], row["pt_chains"], row["pt_sweeps"]) == (
+        "pt", 12, 20, 40)
+    capsys.readouterr()
+    assert main([*base, "--pt-chains", "15", "--out", str(tmp_path / "bad.json")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "eval.pt_chains: Input should be a multiple of 10" in err
+    assert not (tmp_path / "bad.json").exists()
+
+
 def test_config_refuses_pt_for_a_prior_that_is_not_an_rbm():
     with pytest.raises(ConfigError, match="eval.logz=pt"):
         load_config(resolve_config_path("smoke"), ["eval.logz=pt", "model.prior.kind=multipartite",

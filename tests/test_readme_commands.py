@@ -40,7 +40,8 @@ TRAIN_TINY = ("--set train.steps=2 --set train.validate_every=0 --set train.samp
 #: (regex on the command, flags appended): the first match wins.
 SHRINK: list[tuple[str, str]] = [
     (r"^(torchrun .* -m )?qvae train ", TRAIN_TINY),
-    (r"^qvae evaluate ", "--num-iw 2 --ais-betas 20 --ais-runs 2 --max-examples 20 "
+    (r"^qvae evaluate ", "--num-iw 2 --ais-betas 20 --ais-runs 2 --pt-replicas 10 "
+                         "--pt-chains 10 --pt-burn-in 20 --pt-sweeps 20 --max-examples 20 "
                          "--no-progress"),
     (r"^qvae sample ", "-n 16 --option num_sweeps=10"),
     (r"^qvae compare ", "-n 200 --option neal.num_sweeps=10 --grid 4"),
