@@ -118,7 +118,7 @@ def test_config_errors_name_the_field(override, field):
 def test_shipped_configs_validate():
     from qvae.service.settings import load_service_config
 
-    for path in sorted((ROOT / "configs").glob("*.yaml")):
+    for path in sorted((ROOT / "configs").rglob("*.yaml")):
         if path.name == "service.yaml":  # `qvae serve`'s file, not an experiment
             load_service_config(path)
         else:
