@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", type=Path, help="run directory or .pt checkpoint")
     e.add_argument("--num-iw", type=int, help="K importance samples per example (≤ 5000)")
     e.add_argument("--logz", choices=["auto", "exact", "ais", "pt"],
-                   help="how to compute log Z: exact, ais, pt (replica exchange, for an RBM "
+                   help="how to compute log Z: exact, ais, pt (replica exchange, for a "
                    "prior AIS misses a mode of), or auto (exact when small, else AIS, else pt "
                    "when AIS falls below the certified lower bound)")
     e.add_argument("--ais-betas", type=int, help="AIS intermediate temperatures")

@@ -350,7 +350,7 @@ class EvalConfig(Strict):
         None, ge=1, description="evaluate on N examples drawn at random (seed 0, the same N in "
         "every run; the MNIST test split is sorted by label, so not the first N)")
     logz: Literal["auto", "exact", "ais", "pt"] = Field(
-        "auto", description="log Z: exact, ais, pt (replica exchange, RBM priors), or auto "
+        "auto", description="log Z: exact, ais, pt (replica exchange), or auto "
         "(exact when the smaller layer is small, else AIS, else pt where AIS is provably low)"
     )
     exact_limit_units: int = Field(20, ge=1, le=24, description="auto: exact up to this layer")
@@ -405,10 +405,9 @@ class Config(Strict):
             raise ValueError("model.prior.graph=backend takes the dwave backend's solver graph, "
                              f"but backend.name is {self.backend.name!r}: use backend dwave "
                              "(its emulator needs no QPU) or model.prior.graph=topology")
-        if self.eval.logz == "pt" and (prior.kind != "rbm" or self.model.kind != "dvae"):
-            raise ValueError("eval.logz=pt estimates log Z of an RBM prior (model.kind dvae, "
-                             f"model.prior.kind rbm), not of model.kind={self.model.kind} with "
-                             f"model.prior.kind={prior.kind}: use eval.logz ais or auto")
+        if self.eval.logz == "pt" and self.model.kind != "dvae":
+            raise ValueError("eval.logz=pt estimates log Z of a dvae model's Boltzmann prior, "
+                             f"not of model.kind={self.model.kind}: use eval.logz ais or auto")
         return self
 
     @field_validator("device")

@@ -15,7 +15,8 @@ training can grow exactly such modes when its persistent chains never visit them
 - `pt_log_partition`: replica exchange over a ladder 1 = β_0 > … > β_{K−1} = 0 of p_β ∝
   exp(−β E), whose β = 0 end is uniform (log Z = (n_v + n_h) log 2), and the stepping-stone
   identity Z(β_k)/Z(β_{k+1}) = E_{β_{k+1}}[exp(−(β_k − β_{k+1}) E)], Rao-Blackwellised over v
-  given h. The swaps carry configurations found at one temperature to the others, so the deep
+  given h (for a Boltzmann machine on any graph, over its largest colour class given the
+  rest). The swaps carry configurations found at one temperature to the others, so the deep
   mode is represented at every β where it matters; the estimate is consistent (sweeps → ∞)
   even where AIS's path is trapped. Its spread is over independent groups of chains.
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -170,19 +172,86 @@ def _log_step_weights(h: torch.Tensor, model: RBM, betas: torch.Tensor, n: int) 
     return spread + (hi - lo).squeeze(-1) * (h @ model.hidden_bias)
 
 
+def _bm_log_step_weights(z: torch.Tensor, model: BoltzmannMachine, summed: torch.Tensor,
+                         rows: torch.Tensor, betas: torch.Tensor, n: int) -> torch.Tensor:
+    """The same for a Boltzmann machine, Rao-Blackwellised over its colour class `summed`
+    (independent given the rest r, as AIS and exact enumeration sum it out): with z_C = 0,
+    (β_k − β_{k+1})(−E(r)) + Σ_{u∈C} softplus(β_k a_u) − softplus(β_{k+1} a_u), a = b_C + J_C r.
+    `z`: (K·n, units) in the model's own unit order; `rows`: J[C, :] dense."""
+    k = betas.numel()
+    r = z.view(k, n, -1)[1:].clone()
+    r[..., summed] = 0
+    neg_e = -model.sample_energy(r.flatten(0, 1)).view(k - 1, n)
+    a = torch.matmul(r, rows.T).add_(model.bias[summed])  # (K−1, n, |C|)
+    hi, lo = betas[:-1].view(-1, 1, 1), betas[1:].view(-1, 1, 1)
+    spread = (F.softplus(hi * a) - F.softplus(lo * a)).sum(-1)
+    return spread + (hi - lo).squeeze(-1) * neg_e
+
+
+def _rbm_chains(rbm: RBM, exchange: ReplicaExchange, gen: torch.Generator, n: int) -> tuple[
+        int, Callable[[int], None], Callable[[torch.Tensor], torch.Tensor]]:
+    """(units, advance(sweeps), log step weights(betas)) of an RBM's replica-exchange chains:
+    the state is h, v is summed out."""
+    model = rbm.float64_copy()
+    w, b, c = (p.float() for p in (model.weight, model.visible_bias, model.hidden_bias))
+    state = [torch.bernoulli(torch.full((exchange.rows, model.n_hidden), 0.5, device=w.device),
+                             generator=gen)]
+
+    def advance(sweeps: int) -> None:
+        state[0] = gibbs_sweeps(state[0], w, b, c, sweeps, gen, exchange=exchange)[1]
+
+    def weights(betas: torch.Tensor) -> torch.Tensor:
+        return _log_step_weights(state[0].double(), model, betas, n)
+
+    return model.n_units, advance, weights
+
+
+def _bm_chains(bm: BoltzmannMachine, exchange: ReplicaExchange, gen: torch.Generator,
+               n: int) -> tuple[int, Callable[[int], None],
+                                Callable[[torch.Tensor], torch.Tensor]]:
+    """The same for a Boltzmann machine on any graph: colour-class block Gibbs (the gibbs
+    backend's kernel), the largest class summed out in the measurements."""
+    from backends.gibbs import colour_blocks, colour_gibbs_sweeps
+
+    model = bm.float64_copy()
+    device = model.bias.device
+    order, blocks = colour_blocks(model, 1.0, device, torch.float32)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device=order.device)
+    summed = model.colour_classes[model.summed_class()]
+    rows = model.coupling_rows(summed, layout="dense")
+    state = [torch.bernoulli(torch.full((model.n_units, exchange.rows), 0.5, device=device),
+                             generator=gen)]
+
+    def advance(sweeps: int) -> None:
+        state[0] = colour_gibbs_sweeps(state[0], blocks, sweeps, gen, exchange=exchange)
+
+    def weights(betas: torch.Tensor) -> torch.Tensor:
+        z = state[0].T[:, position].double()  # the model's unit order
+        return _bm_log_step_weights(z, model, summed, rows, betas, n)
+
+    return model.n_units, advance, weights
+
+
 @torch.no_grad()
-def pt_log_partition(rbm: RBM, *, num_replicas: int = 200, num_chains: int = 100,
-                     burn_in: int = 1000, num_sweeps: int = 2000, seed: int = 0,
-                     progress: bool = False) -> PTResult:
-    """log Z of an RBM by replica exchange and stepping stones (module docstring): the chains
-    run in float32 (their states are 0/1, exactly), the measurements in float64.
+def pt_log_partition(prior: RBM | BoltzmannMachine, *, num_replicas: int = 200,
+                     num_chains: int = 100, burn_in: int = 1000, num_sweeps: int = 2000,
+                     seed: int = 0, progress: bool = False) -> PTResult:
+    """log Z of an RBM or a Boltzmann machine on any graph by replica exchange and stepping
+    stones (module docstring): the chains run in float32 (their states are 0/1, exactly), the
+    measurements in float64. An RBM's chains are the gibbs backend's block sweeps with v
+    summed out; a Boltzmann machine's are its colour-class sweeps with the largest class
+    summed out.
 
     `num_chains` chains (a multiple of 10: their groups give the spread) each run
     `num_replicas` replicas on `default_ladder`; `burn_in` sweeps, then `num_sweeps` sweeps
     measured every `MEASURE_EVERY`. Work: (burn_in + num_sweeps) sweeps of num_replicas ×
     num_chains states.
     """
-    rbm.validate()
+    if not isinstance(prior, RBM | BoltzmannMachine):
+        raise TypeError(f"pt_log_partition takes an RBM or a BoltzmannMachine, got "
+                        f"{type(prior).__name__}")
+    prior.validate()
     for name, value, low in (("num_replicas", num_replicas, 3), ("num_chains", num_chains,
                              PT_GROUPS), ("burn_in", burn_in, 0),
                              ("num_sweeps", num_sweeps, MEASURE_EVERY)):
@@ -191,33 +260,31 @@ def pt_log_partition(rbm: RBM, *, num_replicas: int = 200, num_chains: int = 100
     if num_chains % PT_GROUPS:
         raise ValueError(f"num_chains must be a multiple of {PT_GROUPS}, got {num_chains}")
     start = time.perf_counter()
-    model = rbm.float64_copy()
-    w, b, c = (p.float() for p in (model.weight, model.visible_bias, model.hidden_bias))
-    gen = torch.Generator(device=w.device).manual_seed(seed)
-    exchange = ReplicaExchange(default_ladder(num_replicas), num_chains, device=w.device,
+    device = (prior.weight if isinstance(prior, RBM) else prior.bias).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    exchange = ReplicaExchange(default_ladder(num_replicas), num_chains, device=device,
                                dtype=torch.float32)
+    chains = _rbm_chains if isinstance(prior, RBM) else _bm_chains
+    n_units, advance, step_weights = chains(prior, exchange, gen, num_chains)
     beta_t = exchange.betas.double()
-    h = torch.bernoulli(torch.full((exchange.rows, model.n_hidden), 0.5, device=w.device),
-                        generator=gen)
     measures = num_sweeps // MEASURE_EVERY
     # running log-sum-exp per (step, group): log Σ over measured sweeps and the group's chains
     log_sums = torch.full((num_replicas - 1, PT_GROUPS), -math.inf, dtype=torch.float64)
     bar = tqdm(total=burn_in + measures * MEASURE_EVERY, desc="log Z (replica exchange)",
                unit="sweep", disable=not progress, leave=False)
-    with torch_threads(1 if exchange.rows * model.n_units < 2**16 else None):
+    with torch_threads(1 if exchange.rows * n_units < 2**16 else None):
         if burn_in:
-            _, h = gibbs_sweeps(h, w, b, c, burn_in, gen, exchange=exchange)
+            advance(burn_in)
             bar.update(burn_in)
         exchange.clear()  # the acceptance reported is the measured sweeps'
         for _ in range(measures):
-            _, h = gibbs_sweeps(h, w, b, c, MEASURE_EVERY, gen, exchange=exchange)
-            lw = _log_step_weights(h.double(), model, beta_t, num_chains).view(num_replicas - 1,
-                                                                      PT_GROUPS, -1)
+            advance(MEASURE_EVERY)
+            lw = step_weights(beta_t).view(num_replicas - 1, PT_GROUPS, -1)
             log_sums = torch.logaddexp(log_sums, torch.logsumexp(lw, -1).cpu())
             bar.update(MEASURE_EVERY)
     bar.close()
     per_group = num_chains // PT_GROUPS * measures
-    log_z0 = model.n_units * math.log(2)
+    log_z0 = n_units * math.log(2)
     groups = log_z0 + (log_sums - math.log(per_group)).sum(0)  # one estimate per group
     log_z = log_z0 + float((torch.logsumexp(log_sums, 1) - math.log(per_group * PT_GROUPS))
                            .sum())
