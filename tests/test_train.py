@@ -187,6 +187,9 @@ def test_ctrl_c_writes_a_checkpoint_and_says_how_to_resume(tmp_path):
         [sys.executable, "-m", "qvae", "train", "--config", str(ROOT / "configs/smoke.yaml"),
          "--out", str(tmp_path), "--no-progress", *sets],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # Ctrl-C as in a terminal: a suite started from a background job (`cmd &`) would
+        # otherwise hand the child SIGINT ignored, and the run would rightly go on
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 120
     while not (tmp_path / "metrics.jsonl").exists() and time.time() < deadline:
