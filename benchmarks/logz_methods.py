@@ -3,6 +3,8 @@ the certified lower bound, and time, on priors where AIS works and on ones where
 
     OMP_NUM_THREADS=1 python benchmarks/logz_methods.py      # table, benchmarks/logz_methods.json
     OMP_NUM_THREADS=1 python benchmarks/logz_methods.py --checkpoint runs/X/best.pt   # add a model
+    OMP_NUM_THREADS=1 python benchmarks/logz_methods.py --checkpoint runs/X/best.pt \
+        --checkpoints-only --out X-logz.json                 # that model only
 
 Rows: a random 20 + 20 RBM (exact by enumerating 2^20 states), the "trap" RBM of
 tests/test_logz_pt.py at 20 + 20 (all couplings 1, biases −6: the all-on state holds the mass,
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", action="append", default=[], type=Path,
                    help="also a trained model's prior (repeatable)")
+    p.add_argument("--checkpoints-only", action="store_true",
+                   help="only the --checkpoint rows (a trained prior's cross-check)")
     p.add_argument("--quick", action="store_true",
                    help="10x fewer AIS temperatures and pt sweeps (a smoke run, not the table)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/logz_methods.json")
@@ -97,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
              ("random 100+100", random_rbm(100, 100, 0.1, 1), False),
              ("random 4-partite 4×5", multipartite([5, 5, 5, 5], scale=0.5, seed=0), True),
              ("trap 3-partite 3×8", trap_bm([8, 8, 8], 5.0), True)]
+    if args.checkpoints_only:
+        if not args.checkpoint:
+            p.error("--checkpoints-only needs at least one --checkpoint")
+        cases = []
     if args.checkpoint:
         from qvae.checkpoint import load_model
 
