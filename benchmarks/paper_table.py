@@ -314,7 +314,13 @@ def beat_table(beat_dir: Path) -> str:
     lines = ["| structure | change from qvae's recipe | objective | test NLL (nats) | K | "
              "log Z (method) ≥ certified bound | checkpoint (step) | steps | train min |",
              "|---|---|---|---|---|---|---|---|---|"]
-    rows = [json.loads(p.read_text()) for p in sorted(beat_dir.glob("*.json"))]
+    rows = []
+    for p in sorted(beat_dir.glob("*.json")):
+        row = json.loads(p.read_text())
+        if not {"structure", "test", "change"} <= set(row):
+            raise SystemExit(f"{p}: not a beat row (no structure/test/change); rows are written "
+                             "by `paper_table.py record`, so move other JSON elsewhere")
+        rows.append(row)
     for r in sorted(rows, key=lambda r: (STRUCTURES.index(r["structure"]), r["test"]["nll"])):
         t = r["test"]
         minutes = (r.get("train_seconds") or 0) / 60

@@ -140,3 +140,9 @@ def test_record_refuses_a_log_z_below_the_certified_bound(tmp_path):
     with pytest.raises(SystemExit, match="not recorded: .*below"):
         pt.main(["record", str(run), "--change", "x", "--eval", "low.json", "--beat-dir",
                  str(beat)])
+
+
+def test_table_names_a_json_in_the_beat_folder_that_is_not_a_row(tmp_path):
+    (tmp_path / "a-check.json").write_text(json.dumps({"pt_log_z": 1.0}))
+    with pytest.raises(SystemExit, match=r"a-check\.json: not a beat row"):
+        paper_table().beat_table(tmp_path)
