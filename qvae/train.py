@@ -11,6 +11,7 @@ negative samples and its own slice of every batch, and DistributedDataParallel a
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -113,6 +114,13 @@ class LossModule(nn.Module):
         return self.model.loss(x, negative, **kw)
 
 
+@functools.lru_cache(maxsize=2)
+def _epoch_permutation(n: int, seed: int) -> torch.Tensor:
+    """One epoch's order, drawn once per epoch rather than once per step (a 50,000-long randperm
+    was 6 % of a 1-layer step); the cached tensor is only ever indexed, never written."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
 def batch_at(data: torch.Tensor, cfg: Config, step: int, ctx: Dist) -> torch.Tensor:
     """The minibatch of global step `step`: epoch permutations seeded by (seed, epoch)."""
     per_epoch = len(data) // cfg.data.batch_size
@@ -122,7 +130,7 @@ def batch_at(data: torch.Tensor, cfg: Config, step: int, ctx: Dist) -> torch.Ten
             f"{cfg.data.batch_size}; lower the batch size"
         )
     epoch, index = divmod(step, per_epoch)
-    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+    perm = _epoch_permutation(len(data), cfg.seed + epoch)
     rows = perm[index * cfg.data.batch_size : (index + 1) * cfg.data.batch_size]
     return data[rows[ctx.rank :: ctx.world]]
 
@@ -711,6 +719,13 @@ def first_nonfinite(named: Iterable[tuple[str, torch.Tensor | None]]) -> str | N
     """The name of the first tensor holding NaN/inf (None when all are finite), one sync."""
     pairs = [(name, t) for name, t in named if t is not None]
     if not pairs:
+        return None
+    # Fast path: a tensor whose sum is finite holds no NaN or inf (either would make the sum
+    # non-finite). Summing is vectorised where isfinite is not, and this check ran twice a step
+    # (15 % of a 1-layer step). A finite tensor whose sum overflows falls through to the exact
+    # element-wise test below, so the answer is the same.
+    sums = torch.stack([t.detach().sum() for _, t in pairs]).cpu()
+    if bool(torch.isfinite(sums).all()):
         return None
     finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in pairs]).cpu()
     if bool(finite.all()):

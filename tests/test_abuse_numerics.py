@@ -32,6 +32,39 @@ def tiny(*extra):
     return load_config(ROOT / "configs/smoke.yaml", [*TINY, *extra])
 
 
+# ------------------------------------------------------------------------ the step's checks
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_first_nonfinite_names_the_first_bad_tensor(bad):
+    good = torch.ones(3, 4)
+    broken = torch.zeros(5)
+    broken[2] = bad
+    named = [("a", good), ("b", None), ("c", broken), ("d", broken.clone())]
+    assert train_module.first_nonfinite(named) == "c"
+    assert train_module.first_nonfinite([("a", good)]) is None
+
+
+def test_first_nonfinite_is_not_fooled_by_a_sum_that_overflows():
+    # finite entries whose float32 sum is inf: the fast path's alarm must not stop training
+    huge = torch.full((4,), 3e38)
+    assert not torch.isfinite(huge.sum())
+    assert train_module.first_nonfinite([("w", huge), ("b", torch.zeros(2))]) is None
+    huge[1] = float("nan")
+    assert train_module.first_nonfinite([("w", torch.zeros(2)), ("v", huge)]) == "v"
+
+
+def test_the_epoch_permutation_is_drawn_once_and_equals_a_fresh_draw():
+    cfg = tiny()
+    data = torch.arange(1000.0).unsqueeze(1)
+    ctx = train_module.Dist()
+    per_epoch = 1000 // cfg.data.batch_size
+    rows = torch.cat([train_module.batch_at(data, cfg, s, ctx) for s in range(per_epoch)])
+    fresh = torch.randperm(1000, generator=torch.Generator().manual_seed(cfg.seed))
+    assert torch.equal(rows.squeeze(1), fresh.float())  # every example once, in the seeded order
+    nxt = train_module.batch_at(data, cfg, per_epoch, ctx).squeeze(1)
+    fresh1 = torch.randperm(1000, generator=torch.Generator().manual_seed(cfg.seed + 1))
+    assert torch.equal(nxt, fresh1[: cfg.data.batch_size].float())
+
+
 # ------------------------------------------------------------------------------- config
 @pytest.mark.parametrize(
     "override, field, allowed",
