@@ -7,6 +7,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import torch
 
 from qvae.config import load_config
 from qvae.configs_path import resolve_config_path
@@ -30,6 +31,7 @@ def paper_table():
 
 def test_record_writes_a_row_whose_command_reproduces_the_run(tmp_path, capsys):
     pt = paper_table()
+    threads_before = torch.get_num_threads()
     cfg = load_config(resolve_config_path("beat/2-layer-nonlin"), SMALL)
     run = tmp_path / "runs" / "power-2-layer"
     train(cfg, run, progress=False)
@@ -39,6 +41,16 @@ def test_record_writes_a_row_whose_command_reproduces_the_run(tmp_path, capsys):
     row = json.loads((beat / "power-2-layer.json").read_text())
     assert row["structure"] == "2-layer-nonlin" and row["relaxation"] == "power"
     assert row["steps_done"] == 4 and row["test"]["checkpoint_step"] in (2, 4)
+    # the training's thread count, whatever this process runs with
+    trained = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["threads"]
+    torch.set_num_threads(trained + 1)
+    try:
+        assert pt.main(["record", str(run), "--change", "power relaxation", "--beat-dir",
+                        str(beat)]) == 0
+    finally:
+        torch.set_num_threads(threads_before)
+    row = json.loads((beat / "power-2-layer.json").read_text())
+    assert row["machine"]["torch_threads"] == row["threads"] == trained
     argv = shlex.split(row["command"])
     assert argv[:5] == ["OMP_NUM_THREADS=1", "qvae", "train", "--config", "beat/2-layer-nonlin"]
     sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
