@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from qvae import train as train_module
-from qvae.config import load_config
+from qvae.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,6 +78,10 @@ def main() -> int:
     args = p.parse_args()
     if args.steps < 1 or args.repeats < 1:
         raise SystemExit("--steps and --repeats must be >= 1")
+    try:  # a bad --config is one line, before any training
+        load_config(args.config)
+    except ConfigError as exc:
+        raise SystemExit(f"error: --config {args.config}: {exc}") from None
     torch.set_num_threads(1)
 
     times: dict[str, list[float]] = {"before": [], "now": []}
