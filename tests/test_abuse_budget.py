@@ -286,6 +286,38 @@ def test_results_live_in_the_store_and_a_restart_reads_only_the_index(tmp_path, 
     second.drain(0)
 
 
+def test_a_job_finishing_during_a_poll_is_not_delivered_without_its_result(tmp_path):
+    """Before (a CI failure, 1 in ~1000): the poll read the result (none yet: running), the job
+    finished and left memory for the store, then the poll read the status, answered "done" with
+    a null result and marked the job delivered: its samples were lost. Here the job finishes
+    right after that first read; the poll must say "running" and the next one bring the
+    result."""
+    scheduler = Scheduler({"cpu": (1, 4)}, ttl_s=600, store=SQLiteStore(tmp_path / "s.sqlite"))
+    release = threading.Event()
+    job = scheduler.submit("k", "gibbs", "cpu",
+                           lambda job: release.wait(30) and b'{"samples":[[1]]}', inline=False)
+    while job.status != "running":
+        threading.Event().wait(0.01)
+    read_result = scheduler.result_of
+
+    def result_then_finish(j):
+        out = read_result(j)
+        release.set()
+        j.done.result(timeout=30)  # finished and moved to the store before the status is read
+        return out
+
+    scheduler.result_of = result_then_finish
+    body, final = scheduler.status_body(job)
+    polled = json.loads(body)
+    assert (polled["status"], polled["result"], final) == ("running", None, False), polled
+    release.set()
+    job.done.result(timeout=30)
+    scheduler.result_of = read_result
+    body, final = scheduler.status_body(job)
+    assert final and json.loads(body)["result"] == {"samples": [[1]]}
+    scheduler.drain(0)
+
+
 # ----------------------------------------------------------------------------- store
 def test_reservations_are_atomic_across_threads_and_instances(tmp_path):
     """24 threads over two store instances on one file reserve 0.1 s against 1.0 s: exactly 10

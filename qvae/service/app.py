@@ -503,8 +503,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
         """A job's state; a finished job's result (or error) is delivered once, then 410."""
         job = service.scheduler.fetch(job_id, key.label())
         # the result is read from the database, off the event loop (it may be large)
-        body = job.status_json(await asyncio.to_thread(service.scheduler.result_of, job))
-        if job.status in ("done", "failed"):
+        body, final = await asyncio.to_thread(service.scheduler.status_body, job)
+        if final:
             await asyncio.to_thread(service.scheduler.deliver, job)
         return Response(body, 200, media_type="application/json")
 

@@ -71,15 +71,18 @@ class Job:
     delivered_at: float | None = None
     stored: bool = False  # the result is in the scheduler's store, not in `result`
 
-    def status_json(self, result: bytes | None = None) -> bytes:
+    def status_json(self, result: bytes | None = None, status: str | None = None) -> bytes:
         """The JobStatus body; the (possibly large) result is spliced in already encoded
-        (`result`: the one loaded from the store, when the job keeps it there)."""
-        head = {"job_id": self.id, "status": self.status, "error": self.error,
+        (`result`: the one loaded from the store, when the job keeps it there; `status`: the
+        status read before that result, see `Scheduler.status_body`)."""
+        status = self.status if status is None else status
+        final = status in FINAL  # a final job's fields, only with the final status
+        head = {"job_id": self.id, "status": status, "error": self.error if final else None,
                 "submitted_at": self.submitted_at, "started_at": self.started_at,
-                "finished_at": self.finished_at}
+                "finished_at": self.finished_at if final else None}
         body = json.dumps(head, separators=(",", ":")).encode()
         result = result if result is not None else self.result
-        result = result if self.status == "done" and result is not None else b"null"
+        result = result if status == "done" and result is not None else b"null"
         return body[:-1] + b',"result":' + result + b"}"
 
 
@@ -223,6 +226,17 @@ class Scheduler:
         """The job `owner` already submitted under this idempotency key, if it is still kept."""
         with self.lock:
             return self.jobs.get(self.idempotent.get((owner, idempotency_key), ""))
+
+    def status_body(self, job: Job) -> tuple[bytes, bool]:
+        """A job's JobStatus body and whether it is final (then the caller delivers it).
+
+        The status is read once, before the result: a job that finishes meanwhile shows as
+        still running this time and its result comes with the next poll. Read the other way
+        round, a job finishing between the two reads showed as "done" with a null result and
+        was then marked delivered: its samples were lost."""
+        status = job.status
+        result = self.result_of(job) if status == "done" else None
+        return job.status_json(result, status), status in FINAL
 
     def result_of(self, job: Job) -> bytes | None:
         """A job's result bytes, from memory or (loaded now) from the store."""
