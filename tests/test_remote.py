@@ -267,6 +267,16 @@ def test_failed_and_slow_jobs_raise(server):
         sampler.sample(random_rbm(3, 2), 4)
 
 
+def test_a_job_done_without_its_result_says_so(server):
+    def done_without_result(srv, req):
+        return 200, {}, {"job_id": "j1", "status": "done", "result": None, "error": None}
+
+    server.script = [reply(202, {"job_id": "j1", "status": "queued"}), done_without_result]
+    sampler = RemoteSampler(url=server.url, poll_interval_s=0.01)
+    with pytest.raises(RemoteError, match="job j1 .* done without its result .*NoneType"):
+        sampler.sample(random_rbm(3, 2), 4)
+
+
 def test_malformed_result_and_continuous(server):
     def short(srv, req):
         return 200, {}, {**sample_result(req), "samples": [[0, 1]]}
