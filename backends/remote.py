@@ -277,13 +277,14 @@ class RemoteSampler(Sampler):
                 raise self._error(response)
             job = response.json()
             if job.get("status") == "done":
-                if not isinstance(job.get("result"), dict):
+                result = job.get("result")
+                if not isinstance(result, dict):
                     # a service before the status-first poll could lose a result this way
                     raise RemoteError(
                         f"job {job_id} on {self.url} is reported done without its result "
-                        f"(got {type(job.get('result')).__name__}); sample again, and update "
-                        f"the service if this repeats")
-                return job["result"]
+                        f"(got {type(result).__name__}); sample again, and update the service "
+                        f"if this repeats")
+                return result
             if job.get("status") == "failed":
                 err = job.get("error") or {}
                 raise RemoteError(
