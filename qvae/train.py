@@ -356,6 +356,7 @@ def _train(
     # Validation-based model selection: the best validation NLL so far and its step (plain
     # numbers, saved in every checkpoint so a resumed run keeps selecting against it).
     best: dict[str, Any] = {"nll": math.inf, "step": -1}
+    validated = {"step": 0}  # the last step whose validation finished (its row is written)
     # remote: counted against its target, so a dwave target served by neal reads as a fallback
     counters = SamplerCounters(cfg.backend.target or cfg.backend.name)
     valid = _validation_set(cfg, device)
@@ -374,6 +375,9 @@ def _train(
             sampler.load_state_dict(sampler_states[ctx.rank])
         start, train_seconds = state["step"], float(state.get("train_seconds", 0.0))
         best = dict(state.get("best_valid") or best)
+        done = state.get("validated_step")
+        validated["step"] = (done if isinstance(done, int) and not isinstance(done, bool) else
+                             _last_logged_step(out_dir / "validation.jsonl", start))
         if state.get("backend") == cfg.backend.name:  # a switched backend starts a new count
             counters = SamplerCounters.from_dict(counters.backend, state.get("sampler_counters"))
     elif ckpt_path.exists() and ctx.main:
@@ -411,6 +415,7 @@ def _train(
                     "backend": cfg.backend.name,
                     "sampler_states": sampler_states,
                     "best_valid": dict(best),
+                    "validated_step": validated["step"],
                     "sampler_counters": counters.as_dict(),
                 },
                 path,
@@ -433,7 +438,23 @@ def _train(
     gen = torch.Generator(device=device)
     step = start
     interrupted = False
+
+    def run_validation(step: int) -> None:
+        vrow = validate(model, cfg, valid, step)
+        if vrow["nll"] < best["nll"]:
+            best.update(nll=vrow["nll"], step=step)
+            save(step, out_dir / BEST_NAME)
+        if ctx.main:
+            _append_jsonl(out_dir / "validation.jsonl", {**vrow, "best_nll": best["nll"],
+                                                        "best_step": best["step"]})
+        validated["step"] = step
+
     try:
+        # A run stopped during the validation of its checkpoint's step validates it first, so
+        # the resumed run's selection sees every point the uninterrupted one did.
+        if (valid is not None and 0 < start and start % cfg.train.validate_every == 0
+                and validated["step"] < start):
+            run_validation(start)
         while step < cfg.train.steps:
             t0 = time.perf_counter()
             x = batch_at(data, cfg, step, ctx)
@@ -519,13 +540,7 @@ def _train(
                         for key, value in row.items():
                             tensorboard.add_scalar(key, value, step)
             if valid is not None and step % cfg.train.validate_every == 0:
-                vrow = validate(model, cfg, valid, step)
-                if vrow["nll"] < best["nll"]:
-                    best.update(nll=vrow["nll"], step=step)
-                    save(step, out_dir / BEST_NAME)
-                if ctx.main:
-                    _append_jsonl(out_dir / "validation.jsonl", {**vrow, "best_nll": best["nll"],
-                                                                "best_step": best["step"]})
+                run_validation(step)
             if step % cfg.train.checkpoint_every == 0:
                 save(step)
             if callback is not None:
@@ -794,6 +809,24 @@ def _truncate_jsonl(path: Path, after_step: int) -> None:
         if step <= after_step:
             rows.append(line)
     write_bytes_atomic(path, "".join(r + "\n" for r in rows).encode())
+
+
+def _last_logged_step(path: Path, at_most: int) -> int:
+    """The last step (<= at_most) with a row in a jsonl log, 0 without one: where a checkpoint
+    written before `validated_step` was saved says how far its validation got."""
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return 0
+    steps = []
+    for line in lines:
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if isinstance(step, int) and not isinstance(step, bool) and step <= at_most:
+            steps.append(step)
+    return max(steps, default=0)
 
 
 def _tensorboard(out_dir: Path):

@@ -319,3 +319,34 @@ def test_paper_table_script_trains_a_cell_resumes_and_labels_it(tmp_path, capsys
     row = next(line for line in out.splitlines() if "k=2" in line).split(" | ")
     rate, whole = float(row[6]), float(row[7])  # the full run at the measured rate, hours
     assert whole == pytest.approx(6 / rate / 3600, abs=0.06)
+
+
+def test_a_run_stopped_during_validation_validates_that_step_on_resume(tmp_path, monkeypatch):
+    """SIGTERM/Ctrl-C during the validation of step N saves last.pt at N; the resumed run must
+    validate N before going on, or its model selection silently skips that point."""
+    import qvae.train as train_module
+
+    cfg = load_config(ROOT / "configs/smoke.yaml", [*TINY, "train.steps=18"])
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(cfg, full, progress=False)
+    real_validate, calls = train_module.validate, []
+
+    def stopped_at_12(model, cfg, data, step):
+        calls.append(step)
+        if step == 12 and calls.count(12) == 1:
+            raise KeyboardInterrupt
+        return real_validate(model, cfg, data, step)
+
+    monkeypatch.setattr(train_module, "validate", stopped_at_12)
+    assert train(cfg, part, progress=False).interrupted
+    assert checkpoint.load(part)["step"] == 12
+    train(cfg, part, resume=True, progress=False)
+    assert calls == [6, 12, 12, 18]
+
+    def no_time(run):
+        return [{k: v for k, v in json.loads(r).items() if k != "seconds"}
+                for r in (run / "validation.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in no_time(part)] == [6, 12, 18]
+    assert no_time(full) == no_time(part)
+    assert checkpoint.load(full)["best_valid"] == checkpoint.load(part)["best_valid"]
+    assert checkpoint.load(part)["validated_step"] == 18
