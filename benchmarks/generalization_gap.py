@@ -1,7 +1,7 @@
 """How far a trained model's NLL on its own training images is below its NLL on held-out ones.
 
     OMP_NUM_THREADS=1 python benchmarks/generalization_gap.py runs/A/best.pt runs/B/best.pt \
-        --out benchmarks/paper/generalization-gap.json
+        --out benchmarks/paper/generalization-gap/beat-rows.json
 
 For each checkpoint: the validation estimate the trainer uses to select `best.pt` (−IW bound with
 K = train.validate_num_iw, log Z by AIS with the validation's temperatures and runs, see
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("checkpoints", nargs="+", help="checkpoints (.pt) or run directories")
     ap.add_argument("--examples", type=int, default=2000,
                     help="random images per split (seed 0, the same in every run; default 2000)")
-    ap.add_argument("--out", default="benchmarks/paper/generalization-gap.json")
+    ap.add_argument("--out", default="benchmarks/results/generalization_gap.json")
     args = ap.parse_args(argv)
     if not 1 <= args.examples <= 10_000:
         ap.error(f"--examples {args.examples}: give 1 to 10000 (the validation split's size)")
@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     out = {"examples_per_split": args.examples, "seed": SEED, "torch_threads": 1,
            "machine": platform.platform(), "seconds": time.perf_counter() - start,
            "command": "OMP_NUM_THREADS=1 python benchmarks/generalization_gap.py "
-                      + " ".join(args.checkpoints) + f" --examples {args.examples}",
+                      + " ".join(args.checkpoints)
+                      + f" --examples {args.examples} --out {args.out}",
            "rows": rows}
     write_bytes_atomic(args.out, json.dumps(out, indent=2, allow_nan=False).encode())
     print(f"wrote {args.out}")
